@@ -1,0 +1,47 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CORPUS_DIR ?= data/demo_corpus
+# Debian packages the corpus generator needs (libespeak-ng through ctypes).
+SYS_PKGS := espeak-ng
+
+.PHONY: demo test env sysdeps corpus clean
+
+demo: env
+	$(PY) -m nemo_jstip.prep.corpus out_dir=$(CORPUS_DIR)
+	$(PY) -m nemo_jstip.prep.corpus_stats $(CORPUS_DIR)
+
+test: env
+	$(PY) -m pytest -q tests
+
+env: sysdeps $(STAMP)
+
+# Python 3.12: on PATH, else pyenv's interpreters, else a clear message.
+$(STAMP): setup.py
+	@set -e; \
+	if [ ! -x $(PY) ]; then \
+	  py=""; \
+	  for c in python3.12 "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do \
+	    if "$$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then py="$$c"; break; fi; \
+	  done; \
+	  if [ -z "$$py" ]; then echo "error: Python 3.12 not found; install python3.12 (with venv) and retry" >&2; exit 1; fi; \
+	  echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV); \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+sysdeps:
+	@missing=""; for p in $(SYS_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	  else echo "error: missing system packages:$$missing (as root: apt-get install$$missing)" >&2; exit 1; fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) $(CORPUS_DIR) *.egg-info
