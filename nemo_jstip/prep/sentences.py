@@ -1,0 +1,142 @@
+"""Entity-annotated sentences from templates and word lists (nemo_jstip/prep/wordlists/*.yaml).
+
+A template mixes literal words, `<filler>` slots (free word lists) and `{entity_type}` slots. Entity pools are
+partitioned once per seed into groups, and each split draws from its own groups, so domain text, dev and test
+overlap as a real domain would: some entities everywhere, some only in text and test (seen in text only),
+some only in test (seen nowhere), some only in dev.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from num2words import num2words
+
+WORDLISTS = Path(__file__).parent / "wordlists"
+
+# entity group -> the splits that may use it
+GROUP_SPLITS = {
+    "shared": ("text", "dev", "test"),
+    "text_test": ("text", "test"),
+    "text_dev": ("text", "dev"),
+    "test_only": ("test",),
+    "dev_only": ("dev",),
+}
+_SLOT = re.compile(r"(<\w+>|\{\w+\})")
+
+
+@dataclass
+class Sentence:
+    words: list[str]
+    entities: list[dict] = field(default_factory=list)  # text, type, start, end (word indices, end exclusive)
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def spoken_number(x: float) -> str:
+    """20 -> 'twenty', 2.5 -> 'two point five', 1200 -> 'one thousand two hundred': transcript-style words."""
+    return re.sub(r"[-,\s]+", " ", num2words(x, lang="en")).strip()
+
+
+def load_domain(name: str) -> dict:
+    with open(WORDLISTS / f"{name}.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _generated_pool(spec: dict) -> list[str]:
+    if spec["generate"] == "dose":
+        return [f"{spoken_number(n)} {u}" for n in spec["numbers"] for u in spec["units"]]
+    if spec["generate"] == "amount":
+        out = []
+        for n in spec["numbers"]:
+            for c in sorted(set(spec["cents"])):
+                out.append(f"{spoken_number(n)} dollars" + (f" and {spoken_number(c)} cents" if c else ""))
+        return out
+    raise ValueError(f"unknown entity generator {spec['generate']!r}")
+
+
+def partition_entities(domain: dict, fractions: dict[str, float], rng: np.random.Generator) -> dict[str, dict[str, list[str]]]:
+    """type -> group -> entities. Every group gets at least one entity of every type."""
+    assert set(fractions) == set(GROUP_SPLITS), f"entity_groups must have exactly {sorted(GROUP_SPLITS)}"
+    out = {}
+    for etype, pool in domain.get("entities", {}).items():
+        pool = _generated_pool(pool) if isinstance(pool, dict) else list(pool)
+        if len(pool) < len(GROUP_SPLITS):
+            raise ValueError(f"entity type {etype!r} needs at least {len(GROUP_SPLITS)} values, has {len(pool)}")
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        sizes = {g: max(1, int(round(fractions[g] * len(pool)))) for g in GROUP_SPLITS}
+        sizes["shared"] = len(pool) - sum(v for g, v in sizes.items() if g != "shared")
+        if sizes["shared"] < 1:
+            raise ValueError(f"entity type {etype!r}: fractions leave no shared entities")
+        groups, i = {}, 0
+        for g in GROUP_SPLITS:
+            groups[g] = pool[i : i + sizes[g]]
+            i += sizes[g]
+        out[etype] = groups
+    return out
+
+
+class _Deck:
+    """Draws without replacement, reshuffling when empty: every value is used before any repeats."""
+
+    def __init__(self, values: list[str], rng: np.random.Generator):
+        self.values, self.rng, self.order = list(values), rng, []
+
+    def draw(self) -> str:
+        if not self.order:
+            self.order = list(self.rng.permutation(len(self.values)))
+        return self.values[self.order.pop()]
+
+
+class SentenceGenerator:
+    """Sentences of one domain for one split ('train', 'text', 'dev' or 'test')."""
+
+    def __init__(self, domain: dict, partition: dict, split: str, rng: np.random.Generator):
+        self.domain, self.rng = domain, rng
+        self.templates = domain["templates"]
+        self.decks = {}
+        for etype, groups in partition.items():
+            values = [e for g, members in groups.items() if split in GROUP_SPLITS[g] for e in members]
+            self.decks[etype] = _Deck(values, rng)
+        self.template_deck = _Deck(list(range(len(self.templates))), rng)
+
+    def _choice(self, values: list[str]) -> str:
+        return values[int(self.rng.integers(len(values)))]
+
+    def sample(self) -> Sentence:
+        s = Sentence([])
+        template = self.templates[self.template_deck.draw()]
+        parts = [self._choice(self.domain["prefixes"])] if "prefixes" in self.domain else []
+        parts += _SLOT.split(template)
+        parts += [self._choice(self.domain["suffixes"])] if "suffixes" in self.domain else []
+        for part in parts:
+            if part.startswith("<"):
+                s.words += self._choice(self.domain["fillers"][part[1:-1]]).split()
+            elif part.startswith("{"):
+                etype = part[1:-1]
+                words = self.decks[etype].draw().split()
+                s.entities.append({"text": " ".join(words), "type": etype, "start": len(s.words), "end": len(s.words) + len(words)})
+                s.words += words
+            else:
+                s.words += part.split()
+        return s
+
+    def sample_unique(self, n: int, exclude: set[str] = frozenset(), max_tries: int = 50) -> list[Sentence]:
+        """n sentences, distinct from each other and from `exclude` (texts of other splits)."""
+        out, seen = [], set(exclude)
+        for _ in range(n):
+            for _ in range(max_tries):
+                s = self.sample()
+                if s.text not in seen:
+                    break
+            else:
+                raise RuntimeError(f"could not draw {n} distinct sentences; add templates or lower the size")
+            seen.add(s.text)
+            out.append(s)
+        return out
