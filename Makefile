@@ -7,11 +7,10 @@ CORPUS_DIR ?= data/demo_corpus
 # Debian packages the corpus generator needs (libespeak-ng through ctypes).
 SYS_PKGS := espeak-ng
 
-.PHONY: demo test env sysdeps corpus clean
+.PHONY: demo test env sysdeps docker-check clean
 
 demo: env
 	$(PY) -m nemo_jstip.prep.corpus out_dir=$(CORPUS_DIR)
-	$(PY) -m nemo_jstip.prep.corpus_stats $(CORPUS_DIR)
 
 test: env
 	$(PY) -m pytest -q tests
@@ -42,6 +41,10 @@ sysdeps:
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
 	  else echo "error: missing system packages:$$missing (as root: apt-get install$$missing)" >&2; exit 1; fi; \
 	fi
+
+# The Dockerfile's pip step, resolved without a Docker engine (needs PyPI): docs/docker.md
+docker-check: env
+	docker/check-deps.sh $(TORCH) $(MCORE)
 
 clean:
 	rm -rf $(VENV) $(CORPUS_DIR) *.egg-info

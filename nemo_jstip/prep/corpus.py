@@ -127,7 +127,8 @@ def _make_cut(job: _Job, num_samples: int, times, sentence: Sentence, custom: di
         if not e > s:
             raise RuntimeError(f"{job.cut_id}: espeak-ng gave word {w!r} no duration ({s:.3f}-{e:.3f} s)")
     rec = Recording(job.cut_id, [AudioSource("file", [0], job.path)], sampling_rate, num_samples, duration)
-    align = [AlignmentItem(w, round(s, 4), round(e - s, 4)) for w, (s, e) in zip(job.words, times)]
+    ticks = [(round(s * 1e4), round(e * 1e4)) for s, e in times]  # 0.1 ms grid: contiguous words stay contiguous
+    align = [AlignmentItem(w, s / 1e4, (e - s) / 1e4) for w, (s, e) in zip(job.words, ticks)]
     sup = SupervisionSegment(
         id=job.cut_id,
         recording_id=job.cut_id,
@@ -186,14 +187,16 @@ class CorpusBuilder:
         for d in DOMAINS:
             domain = load_domain(d)
             part = self.partition[d] = partition_entities(domain, c.entity_groups, rng)
-            text_entities = {e for groups in part.values() for g, es in groups.items() if "text" in GROUP_SPLITS[g] for e in es}
-            taken = set()
+            taken, text_entities = set(), set()
             for split in ("text", "dev", "test"):
                 sents = SentenceGenerator(domain, part, split, rng).sample_unique(size.get(f"{d}_{split}", 0), exclude=taken)
                 taken |= {s.text for s in sents}
-                for s in sents:
-                    for e in s.entities:
-                        e["seen_in_text"] = e["text"] in text_entities
+                if split == "text":
+                    text_entities = {e["text"] for s in sents for e in s.entities}
+                else:
+                    for s in sents:
+                        for e in s.entities:
+                            e["seen_in_text"] = e["text"] in text_entities
                 plans[f"{d}_{split}"] = (sents, [{"domain": d}] * len(sents), "eval")
             n = size.get(f"{d}_textspeech", 0)
             text_sents = plans[f"{d}_text"][0]
