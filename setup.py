@@ -17,6 +17,7 @@ setup(
         "hydra-core",  # versions as NeMo pins them
         "omegaconf",
         "num2words>=0.5.13",
+        "pocketsphinx>=5.0.4,<5.1",  # forced alignment of unaligned corpora (prep/align.py); 5.0.4 has wheels
         "peft",  # NeMo's speechlm2 imports it; we use it for LoRA
     ],
     extras_require={

@@ -85,6 +85,7 @@ class _Job:
 
 
 _ESPEAK = None
+_CHUNK = 64  # utterances per synthesis process
 
 
 def _init_worker():
@@ -113,8 +114,9 @@ def _synthesize(job: _Job, sampling_rate: int) -> tuple[int, list[tuple[float, f
     return len(x), times
 
 
-def _synthesize_star(args):
-    return _synthesize(*args)
+def _synthesize_chunk(args):
+    jobs, sampling_rate = args
+    return [_synthesize(j, sampling_rate) for j in jobs]
 
 
 def _make_cut(job: _Job, num_samples: int, times, sentence: Sentence, custom: dict, sampling_rate: int):
@@ -227,10 +229,13 @@ class CorpusBuilder:
             k: self._jobs(k, sents, c.train_variants if voices == "train" else c.eval_variants)
             for k, (sents, _, voices) in spoken.items()
         }
-        flat = [(j, c.sampling_rate) for jobs in all_jobs.values() for j in jobs]
+        # espeak-ng keeps state between utterances (its output drifts by a few samples), so each fixed chunk of
+        # jobs runs in a fresh process: the corpus is then identical whatever num_workers is.
+        flat = [j for jobs in all_jobs.values() for j in jobs]
+        chunks = [(flat[i : i + _CHUNK], c.sampling_rate) for i in range(0, len(flat), _CHUNK)]
         ctx = mp.get_context("fork")
-        with ctx.Pool(max(1, c.num_workers), initializer=_init_worker) as pool:
-            results = iter(pool.imap(_synthesize_star, flat, chunksize=8))
+        with ctx.Pool(max(1, c.num_workers), initializer=_init_worker, maxtasksperchild=1) as pool:
+            results = (r for chunk in pool.imap(_synthesize_chunk, chunks) for r in chunk)
             for name, jobs in all_jobs.items():
                 sents, customs, _ = plans[name]
                 cuts = [_make_cut(j, *next(results), s, cu, c.sampling_rate) for j, s, cu in zip(jobs, sents, customs)]
@@ -244,7 +249,8 @@ class CorpusBuilder:
                     f.write(json.dumps({"id": f"{d}-text-{i:05d}", "text": s.text, "domain": d, "entities": s.entities}) + "\n")
             stats[f"{d}_text"] = _split_stats(sents, 0.0)
         (self.out / "entities.json").write_text(json.dumps(self.partition, indent=1, sort_keys=True))
-        summary = {"config": asdict(c) | {"out_dir": str(self.out)}, "splits": stats}
+        config = {k: v for k, v in asdict(c).items() if k != "num_workers"}  # what the content depends on
+        summary = {"config": config | {"out_dir": str(self.out)}, "splits": stats}
         (self.out / "corpus.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
         (self.out / ".complete").write_text(config_hash(c))  # written last: a folder without it is incomplete
         summary["build_seconds"] = round(time.time() - t0, 1)

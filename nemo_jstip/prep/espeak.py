@@ -102,10 +102,13 @@ class Espeak:
         audio = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
         return Utterance(audio, self.sampling_rate, self._word_times(words, len(audio)))
 
-    def _phoneme_count(self, word: str) -> int:
+    def phonemes(self, word: str, voice: str | None = None) -> list[str]:
+        """espeak-ng's phonemes for `word` (ASCII mnemonics, stress marks kept), by the current or given voice."""
+        if voice is not None and self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise EspeakError(f"unknown espeak-ng voice {voice!r}")
         text = ctypes.c_char_p(word.encode("utf-8") + b"\0")
-        phonemes = self._lib.espeak_TextToPhonemes(ctypes.byref(text), _CHARS_UTF8, ord("|") << 8) or b""
-        return max(1, sum(1 for p in phonemes.decode("utf-8", "replace").replace(" ", "|").split("|") if p.strip("',")))
+        out = self._lib.espeak_TextToPhonemes(ctypes.byref(text), _CHARS_UTF8, ord("|") << 8) or b""
+        return [p for p in out.decode("utf-8", "replace").replace(" ", "|").split("|") if p.strip("',")]
 
     def _word_times(self, words: list[str], num_samples: int) -> list[tuple[float, float]]:
         # 1-based character offset of each word in the synthesized text
@@ -150,7 +153,7 @@ class Espeak:
         each word's phonemes (exact when the counts agree, proportional otherwise)."""
         if len(words) == 1:
             return []
-        counts = np.cumsum([self._phoneme_count(w) for w in words])
+        counts = np.cumsum([max(1, len(self.phonemes(w))) for w in words])
         if len(phones) < len(words):
             raise EspeakError(f"cannot split merged words {words}: only {len(phones)} phonemes")
         if counts[-1] != len(phones):
