@@ -1,0 +1,288 @@
+"""Speech perception: NeMo preprocessor + ConformerEncoder + a frame-stacking adapter into the LLM's hidden size.
+
+JSTIP step 1 encodes the whole utterance once; the model then splices frames into the LLM input with
+``frames[audio_item[m], audio_frame[m]]``, so the contract is ``[B, T', llm_hidden]`` plus per-item lengths
+that equal ``FrameSpec.from_config(cfg).num_frames_batch(audio_lens)`` exactly (the data path lays out one
+placeholder per frame before any audio is encoded). Frames beyond an item's length are zero and never influence
+valid frames: NeMo masks between conv-subsampling stages, in attention and in the conv module; the adapter masks
+encoder padding before stacking and uses a key padding mask in attention.
+
+Config (keys 1:1 with the code)::
+
+    preprocessor: {...}            # AudioToMelSpectrogramPreprocessor kwargs (_target_ optional, checked, not used)
+    encoder: {...}                 # ConformerEncoder kwargs (idem)
+    spec_augment: null             # or SpectrogramAugmentation kwargs; applied in training mode only
+    adapter: {type: mlp, stack: 2, stack_pad: true, hidden_size: 1024, output_size: 576, dropout: 0.0,
+              num_layers: 2, num_heads: null}   # num_layers / num_heads: transformer only
+    freeze_encoder: false
+    freeze_adapter: false
+
+Precision: the module runs under ``torch.autocast("cuda", dtype=torch.bfloat16)`` (the preprocessor disables
+autocast itself and computes features in fp32). Only the LLM's Transformer Engine layers run FP8; the encoder and
+adapter stay BF16: NeMo's conv subsampling / depthwise convs have no FP8 kernels, the modules are a small share of
+the compute, and the acoustic front end is the part most sensitive to quantisation.
+
+Pretrained encoders come from NeMo ASR ``.nemo`` files (CTC, RNNT, hybrid): :meth:`SpeechPerception.config_from_nemo`
+copies their preprocessor/encoder configs, :meth:`SpeechPerception.load_encoder_from_nemo` loads the weights. Both
+read the archive without instantiating anything from it (``torch.load(weights_only=True)``, YAML via OmegaConf's
+safe loader, members outside the extraction folder refused).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tarfile
+import tempfile
+from typing import Any
+
+import torch
+from nemo.collections.asr.modules import (
+    AudioToMelSpectrogramPreprocessor,
+    ConformerEncoder,
+    SpectrogramAugmentation,
+)
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from nemo_jstip.data.frames import FrameSpec
+
+# The only classes a config section may name; we build them directly, never from the string.
+_CLASSES = {
+    "preprocessor": (AudioToMelSpectrogramPreprocessor, "audio_preprocessing"),
+    "encoder": (ConformerEncoder, "conformer_encoder"),
+    "spec_augment": (SpectrogramAugmentation, "audio_preprocessing"),
+}
+# Keys that may differ from a checkpoint's: training-only noise/regularisation, padding/memory/kernel choices,
+# and buffers that are rebuilt (pos_emb_max_len: the non-persistent positional table). Everything else changes
+# the function the weights compute, so it must match.
+_FREE_KEYS = {
+    "preprocessor": {"dither", "pad_to", "nb_augmentation_prob", "nb_max_freq", "rng",
+                     "use_torchaudio", "stft_exact_pad", "stft_conv"},  # the last three: deprecated no-ops
+    "encoder": {
+        "dropout", "dropout_pre_encoder", "dropout_emb", "dropout_att", "stochastic_depth_drop_prob",
+        "stochastic_depth_mode", "stochastic_depth_start_layer", "subsampling_conv_chunking_factor",
+        "use_pytorch_sdpa", "use_pytorch_sdpa_backends", "sync_max_audio_length", "pos_emb_max_len",
+    },
+}
+_NEMO_CONFIG, _NEMO_WEIGHTS = "model_config.yaml", "model_weights.ckpt"
+
+
+class NemoCheckpointError(ValueError):
+    """A .nemo that is unsafe to unpack, lacks what we need, or does not fit this perception config."""
+
+
+def _kwargs(section: str, cfg) -> dict[str, Any]:
+    """A config section as constructor kwargs; ``_target_`` may only name the class we build anyway."""
+    kw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    target = kw.pop("_target_", None)
+    cls, mod = _CLASSES[section]
+    allowed = {f"nemo.collections.asr.modules.{cls.__name__}", f"nemo.collections.asr.modules.{mod}.{cls.__name__}"}
+    if target is not None and target not in allowed:
+        raise NemoCheckpointError(f"{section}._target_ {target!r} is not supported; expected {cls.__name__}")
+    return kw
+
+
+def _resolved(section: str, kw: dict) -> dict[str, Any]:
+    """Constructor kwargs with the class defaults filled in, so ``{}`` and ``{d_model: <default>}`` compare equal."""
+    params = inspect.signature(_CLASSES[section][0].__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **kw}
+
+
+def _valid_mask(lens: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.arange(t, device=lens.device) < lens[:, None]
+
+
+class FrameStackAdapter(nn.Module):
+    """Concatenate ``stack`` consecutive encoder frames (hop x stack), then an MLP or a small Transformer.
+
+    mlp: Linear(k*d_enc, hidden) -> GELU -> Dropout -> Linear(hidden, output_size).
+    transformer: Linear(k*d_enc, hidden) -> ``num_layers`` pre-norm ``nn.TransformerEncoderLayer`` with a key
+    padding mask -> LayerNorm -> Linear(hidden, output_size). No positional encoding: the Conformer's output
+    already carries position (relative attention + convolutions).
+    """
+
+    def __init__(self, input_size: int, output_size: int, type: str = "mlp", stack: int = 1, stack_pad: bool = True,
+                 hidden_size: int = 1024, num_layers: int = 2, num_heads: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        if stack < 1:
+            raise ValueError(f"adapter.stack must be >= 1, got {stack}")
+        self.stack, self.stack_pad, self.type = stack, stack_pad, type
+        if type == "mlp":
+            self.net = nn.Sequential(nn.Linear(stack * input_size, hidden_size), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(hidden_size, output_size))
+        elif type == "transformer":
+            heads = num_heads or max(1, hidden_size // 64)
+            layer = nn.TransformerEncoderLayer(hidden_size, heads, dim_feedforward=4 * hidden_size, dropout=dropout,
+                                               activation="gelu", batch_first=True, norm_first=True)
+            self.proj_in = nn.Linear(stack * input_size, hidden_size)
+            self.layers = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(hidden_size),
+                                                enable_nested_tensor=False)
+            self.proj_out = nn.Linear(hidden_size, output_size)
+        else:
+            raise ValueError(f"adapter.type must be 'mlp' or 'transformer', not {type!r}")
+
+    def stack_frames(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T, D] -> [B, max(out_lens), k*D]. Frames past each item's length are zeroed first, so the padded
+        last stack (stack_pad) holds the same zeros whether the item is alone or next to a longer one."""
+        k, (b, t, d) = self.stack, x.shape
+        out_lens = torch.div(lens + (k - 1 if self.stack_pad else 0), k, rounding_mode="floor")
+        n = int(out_lens.max()) * k if b else 0
+        x = x.masked_fill(~_valid_mask(lens, t)[..., None], 0.0)
+        x = x[:, :n] if n <= t else nn.functional.pad(x, (0, 0, 0, n - t))
+        return x.reshape(b, n // k, k * d), out_lens
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lens = self.stack_frames(x, lens)
+        valid = _valid_mask(lens, x.shape[1])
+        if self.type == "mlp":
+            y = self.net(x)
+        else:
+            # An empty item has every key masked; some attention kernels (older torch, fused paths) then give NaN,
+            # and NaN * 0 poisons weight gradients. Let it attend to its first (zero) frame; its output is masked.
+            pad_mask = ~_valid_mask(lens.clamp(min=1), x.shape[1])
+            y = self.proj_out(self.layers(self.proj_in(x), src_key_padding_mask=pad_mask))
+        return y.masked_fill(~valid[..., None], 0.0), lens
+
+
+class SpeechPerception(nn.Module):
+    """Audio [B, samples] -> LLM-sized frames [B, T', output_size]; see the module docstring for the config."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+        pre, enc = _kwargs("preprocessor", cfg.preprocessor), _kwargs("encoder", cfg.encoder)
+        feats = pre.get("features", 64) * pre.get("frame_splicing", 1)
+        if enc.get("feat_in") != feats:
+            raise ValueError(f"encoder.feat_in={enc.get('feat_in')} must equal the preprocessor's {feats} features")
+        self.preprocessor = AudioToMelSpectrogramPreprocessor(**pre)
+        self.encoder = ConformerEncoder(**enc)
+        spec_aug = cfg.get("spec_augment")
+        self.spec_augmentation = SpectrogramAugmentation(**_kwargs("spec_augment", spec_aug)) if spec_aug else None
+        adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
+        self.adapter = FrameStackAdapter(input_size=self.encoder.d_model, **adapter)
+        self.frame_spec = FrameSpec.from_config(cfg)
+        self.set_frozen(encoder=cfg.get("freeze_encoder", False), adapter=cfg.get("freeze_adapter", False))
+
+    @property
+    def output_size(self) -> int:
+        return self.cfg.adapter.output_size
+
+    def set_frozen(self, encoder: bool, adapter: bool) -> None:
+        """Freeze/unfreeze the encoder (the preprocessor has only buffers) and the adapter, e.g. between stages.
+
+        Frozen parts also stay in eval mode (see :meth:`train`) and the frozen encoder runs without autograd.
+        """
+        self.freeze_encoder, self.freeze_adapter = bool(encoder), bool(adapter)
+        for module, frozen in ((self.encoder, encoder), (self.adapter, adapter)):
+            module.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """Keep frozen parts in eval mode: otherwise the Conformer's BatchNorm running statistics drift and dropout
+        perturbs features the trainable parts learn from, although no weight gets a gradient."""
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        if self.freeze_adapter:
+            self.adapter.eval()
+        return self
+
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio [B, T] float, audio_lens [B] -> frames [B, T', output_size] (zero past each length), frame_lens [B].
+
+        T' = max(frame_lens) and frame_lens == ``self.frame_spec.num_frames_batch(audio_lens)``.
+        """
+        audio_lens = audio_lens.long()
+        mel, mel_lens = self.preprocessor(input_signal=audio.float(), length=audio_lens)
+        if self.spec_augmentation is not None and self.training:
+            mel = self.spec_augmentation(input_spec=mel, length=mel_lens)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            enc, enc_lens = self.encoder(audio_signal=mel, length=mel_lens)
+        return self.adapter(enc.transpose(1, 2), enc_lens)
+
+    @staticmethod
+    def flat_frames(frames: torch.Tensor, frame_lens: torch.Tensor) -> torch.Tensor:
+        """The valid frames of all items, item by item, as [sum(frame_lens), D]: the order ``masked_scatter`` fills
+        a sequence that holds one placeholder per frame, items in batch order."""
+        return frames[_valid_mask(frame_lens, frames.shape[1])]
+
+    # ---- pretrained ASR encoders (.nemo) ----
+
+    @classmethod
+    def config_from_nemo(cls, path: str, **sections) -> DictConfig:
+        """A perception config whose ``preprocessor``/``encoder`` are the .nemo's own; ``sections`` (``adapter=...``,
+        ``freeze_encoder=...``, ``spec_augment=...``) are merged on top. The ASR model's spec_augment is not
+        copied: augmentation stays off unless asked for."""
+        asr_cfg, _ = _read_nemo(path, weights=False)
+        base = {"preprocessor": _kwargs("preprocessor", asr_cfg.preprocessor),
+                "encoder": _kwargs("encoder", asr_cfg.encoder), "spec_augment": None, "adapter": {}}
+        return OmegaConf.merge(base, sections)
+
+    @classmethod
+    def from_nemo(cls, path: str, strict: bool = True, **sections) -> SpeechPerception:
+        """Build from a .nemo's preprocessor/encoder configs (plus ``sections``) and load its encoder weights."""
+        model = cls(cls.config_from_nemo(path, **sections))
+        model.load_encoder_from_nemo(path, strict=strict)
+        return model
+
+    def load_encoder_from_nemo(self, path: str, strict: bool = True) -> tuple[list[str], list[str]]:
+        """Load ``encoder.*`` (and ``preprocessor.*`` buffers) from a NeMo ASR .nemo into this module.
+
+        The checkpoint's preprocessor/encoder configs must match ours on every key that changes the computation
+        (all but ``_FREE_KEYS``), else :class:`NemoCheckpointError` lists the mismatching keys. ``strict`` is passed
+        to ``load_state_dict``; returns (missing, unexpected) state-dict keys, both empty when strict.
+        """
+        asr_cfg, state = _read_nemo(path, weights=True)
+        problems = []
+        for section in ("preprocessor", "encoder"):
+            theirs = _resolved(section, _kwargs(section, asr_cfg.get(section) or {}))
+            ours = _resolved(section, _kwargs(section, self.cfg[section]))
+            for key in sorted((theirs.keys() | ours.keys()) - _FREE_KEYS[section]):
+                if theirs.get(key, "<unset>") != ours.get(key, "<unset>"):
+                    problems.append(f"{section}.{key}: checkpoint {theirs.get(key, '<unset>')!r}, "
+                                    f"ours {ours.get(key, '<unset>')!r}")
+        if problems:
+            raise NemoCheckpointError(
+                f"{path} does not fit this perception config (build it with SpeechPerception.config_from_nemo):\n  "
+                + "\n  ".join(problems))
+        missing, unexpected = [], []
+        for name, module in (("encoder", self.encoder), ("preprocessor", self.preprocessor)):
+            sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if name == "encoder" and not sub:
+                raise NemoCheckpointError(f"{path} has no encoder.* weights")
+            if sub:  # older checkpoints store no preprocessor buffers: keep ours (rebuilt from the same config)
+                result = module.load_state_dict(sub, strict=strict)
+                missing += [f"{name}.{k}" for k in result.missing_keys]
+                unexpected += [f"{name}.{k}" for k in result.unexpected_keys]
+        return missing, unexpected
+
+
+def _read_nemo(path: str, weights: bool) -> tuple[DictConfig, dict[str, torch.Tensor] | None]:
+    """Config (and state dict) of a .nemo tar, without trusting it.
+
+    Every member is checked before anything is written: a member that would land outside the extraction folder
+    (``../x``, absolute paths, links) or is not a plain file/folder makes the whole archive refused. Only the two
+    files we need are extracted (with tarfile's ``data`` filter as a second guard); the YAML goes through OmegaConf's
+    safe loader and the weights through ``torch.load(weights_only=True)``, so nothing in the file can run code.
+    """
+    wanted = {_NEMO_CONFIG} | ({_NEMO_WEIGHTS} if weights else set())
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(path, "r:*") as tar:
+        root, found = os.path.realpath(tmp), {}
+        for m in tar.getmembers():
+            dest = os.path.realpath(os.path.join(root, m.name))
+            if os.path.commonpath([root, dest]) != root or not (m.isfile() or m.isdir()) or os.path.isabs(m.name):
+                raise NemoCheckpointError(f"{path}: refusing unsafe archive member {m.name!r}")
+            if m.isfile() and os.path.relpath(dest, root) in wanted:
+                found[os.path.relpath(dest, root)] = m
+        if missing := wanted - found.keys():
+            raise NemoCheckpointError(f"{path}: no {sorted(missing)} in the archive (a model-parallel checkpoint?)")
+        for m in found.values():
+            tar.extract(m, root, filter="data")
+        cfg = OmegaConf.load(os.path.join(root, _NEMO_CONFIG))
+        if "encoder" not in cfg or "preprocessor" not in cfg:
+            raise NemoCheckpointError(f"{path}: not an ASR model config (no preprocessor/encoder section)")
+        weights_path = os.path.join(root, _NEMO_WEIGHTS)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True) if weights else None
+    return cfg, state
