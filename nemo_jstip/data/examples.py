@@ -7,6 +7,10 @@ placeholder positions and applies a masked cross-entropy. Layouts (``[...]`` onl
     interleaved  BOS span_1 ... span_k EOS, a speech span is [<speech_start>] <audio> x frames [<speech_end>]
     text         BOS text EOS
 
+Prompts for decoding (``prompt_only=True``) stop where the model starts generating: the ASR prompt is
+``BOS [<speech_start>] <audio> x T [<speech_end>]`` (a spoken question uses the same), the text prompt ``BOS text``;
+they have no targets.
+
 Shift convention: ``labels[t]`` is the target predicted at position t, i.e. ``input_ids[t + 1]`` when that
 token is a loss target, else -100 (the last position never has a target). Targets are text tokens only (and
 EOS after a loss-bearing text span); BOS, markers and audio placeholders are never targets.
@@ -110,13 +114,20 @@ class ExampleBuilder:
         num_frames = self.spec.num_frames(self.spec.num_samples(duration))
         return example_cost(num_frames, num_text_tokens, 1, self.cfg.markers)
 
-    def asr(self, cut: Cut) -> Example:
-        """Audio first (every encoder frame), then the transcript; loss on transcript + EOS."""
+    def asr(self, cut: Cut, prompt_only: bool = False) -> Example:
+        """Audio first (every encoder frame), then the transcript; loss on transcript + EOS.
+
+        ``prompt_only``: only ``BOS [<speech_start>] <audio> x T [<speech_end>]``, the decoding prompt (no targets;
+        the transcript is not needed and not checked).
+        """
         words = " ".join(s.text or "" for s in cut.supervisions).split()
         num_frames = self.spec.num_frames(self.spec.num_samples(cut.duration))
-        if not words or not num_frames:
-            problem = "empty transcript" if not words else "audio shorter than one encoder frame"
+        if not num_frames or not (words or prompt_only):
+            problem = "audio shorter than one encoder frame" if not num_frames else "empty transcript"
             raise AlignmentError(f"cut {cut.id}: {problem}")
+        if prompt_only:
+            speech = Span(SPEECH, 0, len(words), (0, num_frames))
+            return self._finish(cut.id, "asr", self._speech(speech), [speech], eos_target=False, eos=False)
         spans = [Span(SPEECH, 0, len(words), (0, num_frames)), Span(TEXT, 0, len(words))]
         text = self.tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
         return self._finish(cut.id, "asr", [*self._speech(spans[0]), _Piece(text, None, True, True)], spans, True)
@@ -139,12 +150,13 @@ class ExampleBuilder:
                 pieces.append(_Piece(next(tokens), None, target, True))
         return self._finish(cut.id, "interleaved", pieces, plan.spans, eos_target=target)
 
-    def text(self, text: str, id: str = "") -> Example:
-        """A text-only LM example; loss on every token and EOS."""
+    def text(self, text: str, id: str = "", prompt_only: bool = False) -> Example:
+        """A text-only LM example; loss on every token and EOS. ``prompt_only``: ``BOS text``, no targets."""
         tokens = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
         if not tokens:
             raise ValueError(f"text example {id!r} is empty")
-        return self._finish(id, "text", [_Piece(tokens, None, True, True)], [Span(TEXT, 0, len(text.split()))], True)
+        piece, spans = _Piece(tokens, None, not prompt_only, True), [Span(TEXT, 0, len(text.split()))]
+        return self._finish(id, "text", [piece], spans, eos_target=not prompt_only, eos=not prompt_only)
 
     def _speech(self, span: Span) -> list[_Piece]:
         f0, f1 = span.frames
@@ -153,9 +165,11 @@ class ExampleBuilder:
             return [audio]
         return [_Piece([self.ids.speech_start]), audio, _Piece([self.ids.speech_end])]
 
-    def _finish(self, id: str, kind: str, pieces: list[_Piece], spans: list[Span], eos_target: bool) -> Example:
+    def _finish(
+        self, id: str, kind: str, pieces: list[_Piece], spans: list[Span], eos_target: bool, eos: bool = True
+    ) -> Example:
         """Concatenate the pieces between BOS and EOS; labels are the next position's id where it is a target."""
-        pieces = [_Piece([self.ids.bos]), *pieces, _Piece([self.ids.eos], target=eos_target)]
+        pieces = [_Piece([self.ids.bos]), *pieces, *([_Piece([self.ids.eos], target=eos_target)] if eos else [])]
         sizes = np.array([len(p.ids) for p in pieces])
         input_ids = np.concatenate([np.asarray(p.ids, dtype=np.int64) for p in pieces])
         frames = np.concatenate([np.full(n, -1) if p.frames is None else p.frames for n, p in zip(sizes, pieces)])

@@ -1,0 +1,1 @@
+"""Model building blocks: speech perception (``perception``), the Megatron decoder LLM (``llm``), HF weight import (``hf_import``)."""

@@ -1,0 +1,179 @@
+"""Our data in NeMo's Lhotse config language, and the training DataLoader built from one YAML section.
+
+NeMo reads data from an ``input_cfg`` list whose entries name a registered ``type`` (``@data_type_parser``). We
+register two types, so NeMo's ``read_cutset_from_config`` (and any NeMo recipe) can name them:
+
+* ``jstip_cuts``: ``{type: jstip_cuts, cuts_path: PATH | [PATH, ...], kind: asr | interleaved}``, a Lhotse cut
+  manifest whose cuts are tagged with the kind (``custom["jstip_kind"]``, on copies); relative audio paths
+  resolve against the manifest, as with NeMo's ``lhotse`` type.
+* ``jstip_text``: ``{type: jstip_text, paths: PATH | [PATH, ...]}``, domain text, one sentence per line, as NeMo
+  ``TextExample`` items tagged ``text``; blank lines are skipped; finite (the sampler repeats it); not tarred,
+  so it mixes with ``jstip_cuts`` in a NeMo ``input_cfg``.
+
+NeMo's loader has no hook for a custom sampler class (docs/data.md), so ``build_dataloader`` reads each
+``input_cfg`` entry with NeMo's own ``read_cutset_from_config`` (any registered type works: ``jstip_cuts``,
+``jstip_text``, ``lhotse``, ``lhotse_shar``, ``nemo``, ``nemo_tarred``, ``txt``, ...), makes it one ``Stream`` of
+our ``InterleavingSampler``, and wraps sampler + ``JSTIPDataset`` in a torch ``DataLoader``. Every section maps
+1:1 to a class: ``input_cfg`` entries -> ``Stream`` (``kind``, ``weight``, ``repeat``, ``name``; the rest goes to
+NeMo), ``sampler`` -> ``InterleavingSampler``, ``interleave`` -> ``InterleaveConfig``, ``dataset`` ->
+``DatasetConfig``, ``loader`` -> ``torch.utils.data.DataLoader``, ``exact_cost`` -> ``CostFn.follow``.
+
+Registration runs at import and is idempotent (re-import, ``importlib.reload`` and ``register()`` are no-ops;
+a *different* package owning one of our names is an error). Importing this module imports NeMo (~10 s).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+from lhotse import CutSet
+from lhotse.lazy import LazyIteratorChain
+from lhotse.utils import fastcopy
+from nemo.collections.common.data.lhotse.cutset import (
+    KNOWN_DATA_CONFIG_TYPES,
+    data_type_parser,
+    read_cutset_from_config,
+    resolve_relative_paths,
+)
+from nemo.collections.common.data.lhotse.nemo_adapters import expand_sharded_filepaths
+from nemo.collections.common.data.lhotse.text_adapters import TextExample
+from omegaconf import OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, make_cost_fn
+from nemo_jstip.data.examples import ExampleBuilder
+from nemo_jstip.data.frames import FrameSpec
+from nemo_jstip.data.interleave import InterleaveConfig
+from nemo_jstip.data.sampler import KIND_KEY, KINDS, InterleavingSampler, Stream
+
+__all__ = ["read_jstip_cuts", "read_jstip_text", "register", "streams_from_input_cfg", "build_dataloader"]
+
+STREAM_KEYS = ("kind", "weight", "repeat", "name")  # input_cfg keys that are ours, not NeMo's
+LOADER_KEYS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers", "timeout")  # -> DataLoader
+
+
+def _tag(cut, kind: str):
+    return fastcopy(cut, custom={**(cut.custom or {}), KIND_KEY: kind})
+
+
+def read_jstip_cuts(config) -> tuple[CutSet, bool]:
+    """``type: jstip_cuts``: cut manifest(s) at ``cuts_path``, each cut tagged with ``kind``."""
+    kind = config.get("kind")
+    if kind not in ("asr", "interleaved"):
+        raise ValueError(f"jstip_cuts needs kind: asr | interleaved, got {kind!r} ({config.get('cuts_path')})")
+    paths = expand_sharded_filepaths(config.cuts_path)
+    parts = [CutSet.from_file(p).map(partial(resolve_relative_paths, manifest_path=p)) for p in paths]
+    cuts = parts[0] if len(parts) == 1 else CutSet(LazyIteratorChain(*parts))
+    return cuts.map(partial(_tag, kind=kind)), False
+
+
+class TextLines:
+    """Re-iterable ``TextExample`` items of text files (stripped, blank lines skipped), tagged ``text``."""
+
+    def __init__(self, paths, language: str | None = None):
+        self.paths, self.language = expand_sharded_filepaths(paths), language
+
+    def __iter__(self) -> Iterator[TextExample]:
+        for path in self.paths:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line := line.strip():
+                        yield TextExample(line, language=self.language, custom={KIND_KEY: "text"})
+
+
+def read_jstip_text(config) -> tuple[CutSet, bool]:
+    """``type: jstip_text``: domain text files at ``paths``, one sentence per line.
+
+    Reported as not tarred (NeMo's ``txt`` says tarred), so that NeMo mixes it with ``jstip_cuts`` / ``lhotse``
+    manifests without ``force_map_dataset``; reading a text file in the sampler's process is cheap.
+    """
+    return CutSet(TextLines(config.paths, config.get("language"))), False
+
+
+_PARSERS = {"jstip_cuts": read_jstip_cuts, "jstip_text": read_jstip_text}
+
+
+def register() -> None:
+    """Register our input types with NeMo's Lhotse config; idempotent."""
+    for name, fn in _PARSERS.items():
+        current = KNOWN_DATA_CONFIG_TYPES.get(name)
+        if current is fn:
+            continue
+        if current is not None and getattr(current, "__module__", None) != __name__:  # ours from a reload is fine
+            raise RuntimeError(f"NeMo data type {name!r} is already registered by {current.__module__}")
+        data_type_parser(name)(fn)
+
+
+register()
+
+
+class _Texts:
+    """A text stream's source for the sampler: the ``.text`` of each item NeMo's parser gives, re-iterable."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self) -> Iterator[str]:
+        return (x.text.strip() for x in self.items)
+
+
+def streams_from_input_cfg(input_cfg) -> list[Stream]:
+    """One ``Stream`` per ``input_cfg`` entry, the entry read by NeMo's ``read_cutset_from_config``.
+
+    Sources are read finite and in file order (``force_finite: true``, ``shuffle: false``, ``shard_seed: 0``
+    unless the entry says otherwise): the sampler repeats and shuffles, deterministically, which exact resume needs.
+    Nested ``group`` entries are refused: a stream has one kind and one weight.
+    """
+    streams = []
+    for i, entry in enumerate(_plain(input_cfg)):
+        entry = dict(entry)
+        if entry.get("type") == "group":
+            raise ValueError(f"input_cfg[{i}]: nested groups are not supported, list the entries flat")
+        kind = entry.get("kind") or ("text" if entry.get("type") in ("jstip_text", "txt", "txt_jsonl") else None)
+        if kind not in KINDS:
+            raise ValueError(f"input_cfg[{i}] ({entry.get('type')}): kind must be one of {KINDS}, got {kind!r}")
+        nemo = {k: v for k, v in entry.items() if k not in STREAM_KEYS[1:]}
+        nemo = {"force_finite": True, "shuffle": False, "shard_seed": 0, **nemo}
+        defaults = {k: nemo.pop(k) for k in ("force_finite", "shuffle", "shard_seed")}
+        cuts, _ = read_cutset_from_config({"input_cfg": [nemo], **defaults})
+        stream = {k: entry[k] for k in STREAM_KEYS[1:] if k in entry}
+        streams.append(Stream(source=_Texts(cuts) if kind == "text" else cuts, kind=kind, **stream))
+    return streams
+
+
+def _plain(cfg) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def _identity(batch):
+    return batch
+
+
+def build_dataloader(
+    cfg, tokenizer: PreTrainedTokenizerBase, spec: FrameSpec, dp_rank: int = 0, dp_world_size: int = 1
+) -> torch.utils.data.DataLoader:
+    """Sampler + dataset + DataLoader from one config section (docs/data.md has a complete YAML).
+
+    ``tokenizer`` must already hold the JSTIP special tokens (``add_special_tokens``). The sampler stays in the
+    main process (``loader.sampler``); the dataset runs in the workers. The training loop calls
+    ``loader.sampler.set_epoch(epoch)`` before each epoch and ``loader.sampler.mark_consumed(batch["position"])``
+    after each step; checkpoints store ``loader.sampler.state_dict()``.
+    """
+    cfg = dict(_plain(cfg))
+    unknown = set(cfg) - {"input_cfg", "sampler", "interleave", "dataset", "loader", "exact_cost"}
+    if unknown:
+        raise ValueError(f"unknown data config keys {sorted(unknown)}")
+    builder = ExampleBuilder(tokenizer, spec, InterleaveConfig(**(cfg.get("interleave") or {})))
+    dataset = JSTIPDataset(builder, DatasetConfig(**(cfg.get("dataset") or {})))
+    cost_fn = make_cost_fn(builder, exact=cfg.get("exact_cost", True))
+    sampler = InterleavingSampler(streams_from_input_cfg(cfg["input_cfg"]), cost_fn, dp_rank=dp_rank,
+                                  dp_world_size=dp_world_size, **(cfg.get("sampler") or {}))
+    cost_fn.follow(sampler)
+    loader = dict(cfg.get("loader") or {})
+    if bad := set(loader) - set(LOADER_KEYS):
+        raise ValueError(f"unknown loader keys {sorted(bad)}; allowed: {LOADER_KEYS}")
+    if not loader.get("num_workers"):
+        loader.pop("prefetch_factor", None), loader.pop("persistent_workers", None)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=_identity, **loader)

@@ -1,0 +1,272 @@
+"""JSTIPModel: speech encoder + adapter + Megatron GPT, trained on JSTIP's interleaved sequences.
+
+Data flows one way: the dataset lays out each sequence (placeholders for speech frames, labels) in the DataLoader
+workers; the first pipeline stage encodes the audio once, splices the frames into the token embeddings with one
+gather (``frames[audio_item[m], audio_frame[m]]``) and hands them to the GPT as ``decoder_input``; the last stage
+returns the per-token cross-entropy. Training runs Megatron's own pipeline schedule over ``num_microbatches``
+loader batches per step, with per-token loss normalisation over all microbatches and data-parallel ranks
+(``calculate_per_token_loss``), and Megatron's DistributedDataParallel for gradient reduction.
+
+Modules are built in ``configure_model`` (Lightning calls it once the strategy has set up Megatron's parallel
+state); without a trainer they are built at once in a single-process parallel state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from nemo.core.classes import ModelPT
+from omegaconf import DictConfig, OmegaConf, open_dict
+from transformers import AutoTokenizer
+
+from nemo_jstip.data.examples import add_special_tokens
+from nemo_jstip.data.frames import FrameSpec
+from nemo_jstip.data.interleave import InterleaveConfig
+from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss
+from nemo_jstip.modules.perception import SpeechPerception
+from nemo_jstip.parallel.dist import init_parallel
+
+
+class JSTIPStage(torch.nn.Module):
+    """One pipeline stage: the speech perception (first stage only) and this stage's GPT layers."""
+
+    def __init__(self, perception: SpeechPerception | None, gpt: torch.nn.Module, vocab_size: int):
+        super().__init__()
+        self.perception, self.gpt, self.vocab_size = perception, gpt, vocab_size
+        self.config, self.model_type = gpt.config, gpt.model_type  # what Megatron's schedules read
+
+    def set_input_tensor(self, tensor) -> None:
+        self.gpt.set_input_tensor(tensor)
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """Token embeddings with the encoder frames spliced in at the placeholders: [L, B, H] (SP-scattered)."""
+        emb = self.gpt.embedding.word_embeddings(batch["input_ids"])  # [B, L, H]
+        item = batch["audio_item"]
+        if batch.get("audio") is not None and batch["audio"].shape[0] > 0:
+            frames, frame_lens = self.perception(batch["audio"], batch["audio_lens"])
+            m = item >= 0
+            spliced = frames[item[m], batch["audio_frame"][m]].to(emb.dtype)
+            emb = emb.index_put(torch.nonzero(m, as_tuple=True), spliced)
+        emb = emb.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Last stage: per-token loss [B, L]; other stages: hidden states for the next stage."""
+        decoder_input = self.embed(batch) if self.gpt.pre_process else None
+        out = self.gpt(
+            input_ids=None, position_ids=batch.get("position_ids"), attention_mask=None, decoder_input=decoder_input
+        )
+        if not self.gpt.post_process:
+            return out
+        return token_loss(out.float(), batch["labels"], self.vocab_size)
+
+
+class JSTIPModel(ModelPT):
+    """The JSTIP speech-LLM as a NeMo model (config sections: tokenizer, perception, llm, interleave, optim, data)."""
+
+    def __init__(self, cfg: DictConfig, trainer: Trainer | None = None):
+        with open_dict(cfg):  # loaders need the data-parallel rank: built in setup(), not by ModelPT.__init__
+            for key in ("train_ds", "validation_ds", "test_ds"):
+                if cfg.get(key) is not None:
+                    cfg[key]["defer_setup"] = True
+        super().__init__(cfg=cfg, trainer=trainer)
+        self.stage: JSTIPStage | None = None
+        self.automatic_optimization = False
+        self.tokenizer = self._load_tokenizer()
+        self.interleave_cfg = InterleaveConfig(**OmegaConf.to_container(self.cfg.get("interleave") or {}))
+        add_special_tokens(self.tokenizer, self.interleave_cfg)
+        llm = OmegaConf.to_container(self.cfg.llm, resolve=True)
+        llm["vocab_size"] = max(llm.get("vocab_size") or 0, len(self.tokenizer))
+        self.llm_cfg = LLMConfig(**llm)
+        self.frame_spec = FrameSpec.from_config(self.cfg.perception)
+        self._ddp = None
+        if trainer is None:
+            self.configure_model()
+
+    # ------------------------------------------------------------------ construction
+    def _load_tokenizer(self):
+        path = self.register_artifact("tokenizer.path", self.cfg.tokenizer.path)
+        return AutoTokenizer.from_pretrained(str(path))
+
+    def configure_model(self) -> None:
+        if self.stage is not None:
+            return
+        if not ps.model_parallel_is_initialized():
+            init_parallel(seed=self.cfg.get("seed", 1234))
+        first = ps.is_pipeline_first_stage()
+        perception = SpeechPerception(self.cfg.perception) if first else None
+        gpt = build_llm(self.llm_cfg, config=self._transformer_config())
+        self.stage = JSTIPStage(perception, gpt, self.llm_cfg.vocab_size)
+
+    def _transformer_config(self):
+        from nemo_jstip.modules.llm import transformer_config
+
+        # token budgets give every microbatch its own shape; the pipeline p2p then exchanges shapes first
+        return transformer_config(
+            self.llm_cfg, calculate_per_token_loss=True, variable_seq_lengths=True, moe_token_dispatcher_type="alltoall"
+        )
+
+    @property
+    def ddp(self):
+        """The stage wrapped in Megatron DDP (built on first use in training; kept out of the state dict)."""
+        if self._ddp is None:
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+            from megatron.core.distributed import finalize_model_grads
+
+            ddp = DistributedDataParallel(
+                self.stage.config,
+                DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+                self.stage,
+            )
+            self.stage.config.finalize_model_grads_func = finalize_model_grads
+            self.stage.config.no_sync_func = ddp.no_sync
+            self.__dict__["_ddp"] = ddp  # not a submodule: same parameters, no duplicate state-dict keys
+        return self._ddp
+
+    # ------------------------------------------------------------------ training
+    def _forward_backward(self, batches: list[dict], forward_only: bool) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def step(data_iter, model):
+            batch = next(data_iter)
+            out = model(batch)
+
+            def loss_func(loss):
+                mask = batch["loss_mask"]
+                total = (loss * mask).sum()
+                n = mask.sum().to(torch.int)
+                return total, n, {"loss": torch.stack([total.detach(), n.float()])}
+
+            return out, loss_func
+
+        model = self.ddp if not forward_only else self.stage
+        seq = max(b["input_ids"].shape[1] for b in batches)
+        mbs = max(b["input_ids"].shape[0] for b in batches)
+        reports = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(batches),
+            model=model,
+            num_microbatches=len(batches),
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+        total = torch.zeros(2)
+        for r in reports:  # last pipeline stage only
+            total += r["loss"].detach().float().cpu()
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # every stage reports the loss
+            total = total.to(_compute_device())
+            torch.distributed.broadcast(total, ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group())
+        dp = ps.get_data_parallel_group()
+        total = total.to(_compute_device())
+        torch.distributed.all_reduce(total, group=dp)
+        return {"loss": (total[0] / total[1].clamp(min=1)).item(), "tokens": int(total[1].item())}
+
+    def _microbatches(self, dataloader_iter) -> list[dict]:
+        batches = []
+        for _ in range(self.cfg.get("num_microbatches", 1)):
+            try:
+                batch, _, _ = next(dataloader_iter)
+            except StopIteration:
+                break
+            batches.append(batch)
+        return batches
+
+    def _to_device(self, batch: dict) -> dict:
+        dev = _compute_device()
+        return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def training_step(self, dataloader_iter):
+        raw = self._microbatches(dataloader_iter)
+        if not raw:
+            return None
+        batches = [self._to_device(b) for b in raw if b["input_ids"].shape[0] > 0]
+        opt = self.optimizers()
+        self.ddp.zero_grad_buffer()
+        opt.zero_grad(set_to_none=True)
+        stats = self._forward_backward(batches, forward_only=False) if batches else {"loss": float("nan"), "tokens": 0}
+        params = [p for p in self.stage.parameters() if p.requires_grad]
+        for p in params:  # Megatron DDP accumulates (and all-reduces) into main_grad
+            p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
+        clip = self.cfg.get("max_grad_norm")
+        grad_norm = clip_grad_norm(params, clip) if clip else None
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None) if self.trainer else None
+        if hasattr(sampler, "mark_consumed"):
+            for b in raw:
+                sampler.mark_consumed(b["position"])
+        self.log("train_loss", stats["loss"], prog_bar=True, batch_size=1)
+        self.log("train_tokens", float(stats["tokens"]), batch_size=1)
+        if grad_norm is not None:
+            self.log("grad_norm", grad_norm, batch_size=1)
+        self.log("lr", opt.param_groups[0]["lr"], batch_size=1)
+        return torch.tensor(stats["loss"])
+
+    def loss(self, batches: list[dict]) -> dict:
+        """Token-weighted loss over batches without updating anything (all stages, all ranks call it)."""
+        with torch.no_grad():
+            return self._forward_backward([self._to_device(b) for b in batches], forward_only=True)
+
+    def validation_step(self, batch, batch_idx):
+        if batch["input_ids"].shape[0] == 0:
+            return None
+        stats = self.loss([batch])
+        self.log("val_loss", stats["loss"], prog_bar=True, batch_size=max(stats["tokens"], 1))
+        return stats["loss"]
+
+    # ------------------------------------------------------------------ data
+    def _dataloader(self, cfg):
+        from nemo_jstip.data.nemo_types import build_dataloader
+
+        cfg = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "defer_setup"}
+        return build_dataloader(cfg, self.tokenizer, self.frame_spec, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+
+    def setup_training_data(self, cfg):
+        self._train_dl = self._dataloader(cfg)
+
+    def setup_validation_data(self, cfg):
+        self._validation_dl = self._dataloader(cfg)
+
+    def setup(self, stage: str | None = None):
+        # data needs the data-parallel rank: build loaders once the strategy has set up Megatron's groups
+        if stage == "fit" and self.cfg.get("train_ds") is not None and self._train_dl is None:
+            self.setup_training_data(self.cfg.train_ds)
+        if stage in ("fit", "validate") and self.cfg.get("validation_ds") is not None and self._validation_dl is None:
+            self.setup_validation_data(self.cfg.validation_ds)
+
+    @classmethod
+    def list_available_models(cls):
+        return []
+
+
+def _compute_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Global grad-norm clipping across TP shards and PP stages (Megatron's own version needs CUDA)."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    grads = [p.grad for p in params if p.grad is not None]
+    local = sum(
+        (p.grad.float() ** 2).sum() for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)
+    )
+    sq = torch.as_tensor(local, dtype=torch.float32, device=grads[0].device if grads else None).reshape(1)
+    torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
+    norm = math.sqrt(sq.item())
+    if norm > max_norm:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm

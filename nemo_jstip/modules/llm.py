@@ -1,0 +1,404 @@
+"""The decoder LLM: megatron-core ``GPTModel`` for Llama-family models, its layer spec, FP8, and LoRA.
+
+``LLMConfig`` is the YAML ``llm:`` section, one key per field. ``build_llm`` picks the layer spec
+(``te`` = Transformer Engine, required for FP8; ``local`` = megatron-core's own modules, the CPU path;
+``auto`` = TE when it imports), builds this pipeline stage's ``GPTModel`` and sets the training mode:
+
+- ``frozen``: no LLM parameter trains (the speech side does);
+- ``full``: every LLM parameter trains;
+- ``lora``: only low-rank adapters on ``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2`` train.
+
+LoRA is a layer type in the spec (``LoRA<base>`` subclasses of the parallel linears), so base parameter names
+are unchanged (HF import and checkpoints of the base model work as they are) and the adapters are exact
+under tensor parallelism: a column-parallel layer keeps A whole (replicated) and splits B by output rows
+like its weight; a row-parallel layer splits A by input columns like its weight and keeps B whole. PEFT's
+own Megatron LoRA (``LoraConfig(megatron_config=...)``) does not run with peft 0.21.2 + megatron-core 0.19
+(KeyErrors during injection, and Megatron linears return ``(out, bias)`` tuples it does not expect).
+
+Loss: ``token_loss`` is megatron's ``vocab_parallel_cross_entropy`` on the vocab-sharded logits, with the
+padded vocab rows masked out and ignored labels zeroed. ``GPTModel(labels=...)`` computes the same per-token
+loss but lets padded vocab entries (logit 0) into the softmax and has no ignore index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from nemo_jstip.parallel import cpu
+
+LayerSpec = Literal["te", "local", "auto"]
+TrainMode = Literal["frozen", "full", "lora"]
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")  # megatron-core 0.19's, less "custom"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LLMConfig:
+    """A Llama-family decoder (Llama 2/3, SmolLM2, Qwen2/2.5, Qwen3): RMSNorm, SwiGLU, RoPE, GQA."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA key/value heads; None = num_attention_heads (MHA)
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size // num_attention_heads
+    vocab_size: int = 256  # the tokenizer's; the model pads it to make_vocab_size_divisible_by * TP
+    make_vocab_size_divisible_by: int = 128
+    max_sequence_length: int = 2048
+    rotary_base: float = 10000.0
+    rope_scaling: bool = False  # Llama 3.1-style (low/high freq factors 1/4, original context 8192)
+    rope_scaling_factor: float = 8.0
+    normalization: str = "RMSNorm"
+    norm_eps: float = 1e-5
+    swiglu: bool = True
+    add_qkv_bias: bool = False  # Qwen2
+    qk_layernorm: bool = False  # Qwen3
+    tie_embeddings: bool = False  # SmolLM2, small Qwen: output layer = input embedding
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    init_method_std: float = 0.02
+    layer_spec: str = "auto"  # te | local | auto (TE when it imports)
+    fp8: Optional[str] = None  # null | e4m3 | hybrid; needs TE
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
+    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    train_mode: str = "frozen"  # frozen | full | lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: Tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):  # plain str fields (OmegaConf has no Literal), checked here
+        self.lora_targets = tuple(self.lora_targets)
+        if self.train_mode not in ("frozen", "full", "lora"):
+            raise ValueError(f"train_mode must be frozen|full|lora, got {self.train_mode!r}")
+        if self.layer_spec not in ("te", "local", "auto"):
+            raise ValueError(f"layer_spec must be te|local|auto, got {self.layer_spec!r}")
+        if self.fp8 not in (None, "e4m3", "hybrid") or self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"fp8 must be null|e4m3|hybrid and fp8_recipe one of {FP8_RECIPES}")
+        if set(self.lora_targets) - set(LORA_TARGETS):
+            raise ValueError(f"lora_targets must be among {LORA_TARGETS}, got {self.lora_targets}")
+        if self.params_dtype not in _DTYPES:
+            raise ValueError(f"params_dtype must be one of {sorted(_DTYPES)}, got {self.params_dtype!r}")
+
+    @classmethod
+    def from_hf(cls, hf_config, **overrides) -> LLMConfig:
+        """The config matching a HF Llama/Qwen2/Qwen3 config (see ``modules.hf_import``)."""
+        from nemo_jstip.modules.hf_import import llm_config_from_hf
+
+        return llm_config_from_hf(hf_config, **overrides)
+
+
+@functools.cache
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - TE without CUDA fails with OSError/RuntimeError, not only ImportError
+        return False
+    return True
+
+
+def resolve_layer_spec(name: LayerSpec) -> Literal["te", "local"]:
+    if name == "auto":
+        return "te" if te_available() else "local"
+    if name == "te" and not te_available():
+        raise RuntimeError(
+            "llm.layer_spec=te needs Transformer Engine, which does not import here (it needs CUDA; NGC images "
+            "ship it). Use layer_spec=local or auto."
+        )
+    if name not in ("te", "local"):
+        raise ValueError(f"layer_spec must be te|local|auto, got {name!r}")
+    return name
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
+    """Megatron's padding: a multiple of ``divisible_by * tp`` so every TP rank holds an equal vocab slice."""
+    multiple = divisible_by * tp
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def transformer_config(cfg: LLMConfig, **overrides):
+    """megatron ``TransformerConfig`` for ``cfg`` with the current parallel sizes (from ``parallel_state``)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    spec = resolve_layer_spec(cfg.layer_spec)
+    if cfg.fp8 is not None and spec != "te":
+        raise RuntimeError(f"llm.fp8={cfg.fp8} needs the TE layer spec (Transformer Engine); this build uses {spec}")
+    dtype = _DTYPES[cfg.params_dtype]
+    fused = spec == "te" and torch.cuda.is_available()  # megatron's fusions need TE/apex kernels and CUDA
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        attention_dropout=cfg.attention_dropout,
+        hidden_dropout=cfg.hidden_dropout,
+        init_method_std=cfg.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=ps.get_context_parallel_world_size(),
+        use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=False,  # needs Megatron DDP's main_grad and a fused wgrad kernel
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=fused,
+        bias_activation_fusion=fused and cfg.swiglu,
+    )
+    if cfg.fp8 is not None:
+        kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(cfg: LLMConfig):
+    """The ``TransformerLayer`` spec: TE or local modules, LoRA linears in ``lora`` mode."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if resolve_layer_spec(cfg.layer_spec) == "te":
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+    if cfg.train_mode == "lora":
+        spec = _lora_layer_spec(spec, cfg)
+    return spec
+
+
+def build_llm(cfg: LLMConfig, *, pre_process: bool | None = None, post_process: bool | None = None,
+              vp_stage: int | None = None, config=None):
+    """This pipeline stage's ``GPTModel`` with ``cfg.train_mode`` applied. Needs ``parallel.dist.init_parallel``."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    cpu.apply()
+    config = config or transformer_config(cfg)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=padded_vocab_size(
+            cfg.vocab_size, cfg.make_vocab_size_divisible_by, config.tensor_model_parallel_size
+        ),
+        max_sequence_length=cfg.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor,
+        vp_stage=vp_stage,
+    )
+    for p in model.parameters():  # the local spec's torch norms are built in fp32 whatever params_dtype says
+        if p.dtype != config.params_dtype:
+            p.data = p.data.to(config.params_dtype)
+    set_train_mode(model, cfg.train_mode)
+    return model
+
+
+def set_train_mode(model: torch.nn.Module, mode: TrainMode) -> None:
+    """``requires_grad`` per mode: nothing (frozen), everything (full), or only the LoRA factors (lora)."""
+    if mode not in ("frozen", "full", "lora"):
+        raise ValueError(f"train_mode must be frozen|full|lora, got {mode!r}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "full" or (mode == "lora" and _is_lora_param(name)))
+    if mode == "lora" and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("train_mode=lora but the model has no LoRA layers (build it with this config)")
+
+
+def _is_lora_param(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+
+
+# ---------------------------------------------------------------------------------------------- loss, logits
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None,
+               ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross entropy from vocab-sharded logits ``[..., V_pad / TP]`` and labels ``[...]``.
+
+    Entries past ``vocab_size`` (Megatron's padding) are masked out of the softmax; positions whose label is
+    ``ignore_index`` (or any negative id) get loss 0. Like Megatron's kernel, this may overwrite fp32
+    ``logits`` in place (it reuses their memory for the softmax): do not read them afterwards.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    if vocab_size is not None:
+        local = logits.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * local
+        n_valid = min(max(vocab_size - start, 0), local)
+        if n_valid < local:
+            pad = torch.arange(local, device=logits.device) >= n_valid
+            logits = logits.masked_fill(pad, float("-inf"))
+    ignored = labels < 0
+    loss = vocab_parallel_cross_entropy(logits, labels.masked_fill(ignored, 0))
+    return loss.masked_fill(ignored, 0.0)
+
+
+def gather_logits(logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Full logits from vocab-sharded ones (all TP ranks), cut to the real vocabulary."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits)
+    return logits if vocab_size is None else logits[..., :vocab_size]
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def _lora_layer_spec(spec, cfg: LLMConfig):
+    """Swap the target linears of a ``TransformerLayer`` spec for their LoRA subclasses.
+
+    TE fuses the pre-attention/pre-MLP norm into ``linear_qkv``/``linear_fc1``; an adapter must see the
+    normalised input, so with TE those targets are unfused (TE norm + ``TEColumnParallelLinear``) and the
+    norm's checkpoint key is mapped back to the fused name (as megatron's local spec does). This TE path is
+    written against megatron-core 0.19's TE spec but only runs where TE does (not on this CPU machine).
+    """
+    sub = spec.submodules
+    attn, mlp = sub.self_attention.submodules, sub.mlp.keywords["submodules"]  # mlp: partial(MLP.as_mlp_submodule)
+    keys_map = dict(sub.sharded_state_dict_keys_map or {})
+    layer_updates = {}
+
+    def lora(base, parallel, glu=False):
+        return functools.partial(_lora_class(base, parallel), lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, lora_glu=glu)
+
+    def unfuse(base, norm_field, fused_prefix):
+        if not getattr(base, "__name__", "").startswith("TELayerNorm"):
+            return base
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        te = TESpecProvider()  # the norm megatron's TE MoE layers use unfused
+        layer_updates[norm_field] = te.layer_norm(rms_norm=cfg.normalization == "RMSNorm", has_residual=True)
+        keys_map[f"{norm_field}."] = f"{fused_prefix}.layer_norm_"
+        return te.column_parallel_linear()
+
+    targets = set(cfg.lora_targets)
+    attn_updates, mlp_updates = {}, {}
+    if "linear_qkv" in targets:
+        base = unfuse(attn.linear_qkv, "input_layernorm", "self_attention.linear_qkv")
+        attn_updates["linear_qkv"] = lora(base, "column")
+    if "linear_proj" in targets:
+        attn_updates["linear_proj"] = lora(attn.linear_proj, "row")
+    if "linear_fc1" in targets:
+        base = unfuse(mlp.linear_fc1, "pre_mlp_layernorm", "mlp.linear_fc1")
+        mlp_updates["linear_fc1"] = lora(base, "column", glu=cfg.swiglu)
+    if "linear_fc2" in targets:
+        mlp_updates["linear_fc2"] = lora(mlp.linear_fc2, "row")
+    self_attention = dataclasses.replace(
+        sub.self_attention, submodules=dataclasses.replace(attn, **attn_updates)
+    )
+    mlp_spec = functools.partial(sub.mlp.func, *sub.mlp.args,
+                                 **{**sub.mlp.keywords, "submodules": dataclasses.replace(mlp, **mlp_updates)})
+    submodules = dataclasses.replace(
+        sub, self_attention=self_attention, mlp=mlp_spec, sharded_state_dict_keys_map=keys_map, **layer_updates
+    )
+    return dataclasses.replace(spec, submodules=submodules)
+
+
+@functools.cache
+def _lora_class(base: type, parallel: Literal["column", "row"]) -> type:
+    """``base`` (a Megatron/TE column- or row-parallel linear) plus ``scale * B(A(x))``, TP-exact."""
+    from megatron.core import tensor_parallel as tpl
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none, make_tp_sharded_tensor_for_checkpoint
+
+    split_name, split_axis = ("lora_b", 0) if parallel == "column" else ("lora_a", 1)
+
+    class LoRALinear(base):
+        def __init__(self, input_size, output_size, *, lora_rank: int, lora_alpha: float,
+                     lora_dropout: float = 0.0, lora_glu: bool = False, **kwargs):
+            super().__init__(input_size, output_size, **kwargs)
+            assert not kwargs.get("gather_output", False), "LoRA on a column-parallel linear that gathers its output"
+            assert kwargs.get("input_is_parallel", True), "LoRA on a row-parallel linear with a whole input"
+            config = kwargs["config"]
+            self.lora_group = get_tensor_model_parallel_group_if_none(kwargs.get("tp_group"))
+            tp, rank = (1, 0) if self.lora_group is None else (self.lora_group.size(), self.lora_group.rank())
+            self.lora_scale = lora_alpha / lora_rank
+            self.lora_glu = lora_glu  # linear_fc1 of a SwiGLU MLP: B's rows are [gate shard; up shard]
+            self.lora_sequence_parallel = config.sequence_parallel
+            self.lora_dropout = torch.nn.Dropout(lora_dropout) if lora_dropout > 0 else torch.nn.Identity()
+            # A is drawn whole from the CPU generator (identical on all TP ranks), then split: the same adapter at
+            # any TP size. B starts at zero, so a fresh adapter leaves the model's output unchanged.
+            a = torch.empty(lora_rank, input_size)
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            like = dict(device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu",
+                        dtype=config.params_dtype)
+            if parallel == "column":  # A whole, B split by output rows like the weight
+                self.lora_a = torch.nn.Parameter(a.to(**like))
+                self.lora_b = torch.nn.Parameter(torch.zeros(output_size // tp, lora_rank, **like))
+            else:  # A split by input columns like the weight, B whole
+                self.lora_a = torch.nn.Parameter(a.chunk(tp, dim=1)[rank].contiguous().to(**like))
+                self.lora_b = torch.nn.Parameter(torch.zeros(output_size, lora_rank, **like))
+            set_tensor_model_parallel_attributes(getattr(self, split_name), True, split_axis, 1)
+            # Under sequence parallelism each rank's copy of the whole factor sees only its tokens; Megatron's
+            # finalize_model_grads all-reduces the grads of parameters marked like this (as it does for norms).
+            whole = self.lora_a if parallel == "column" else self.lora_b
+            whole.sequence_parallel = config.sequence_parallel
+
+        def forward(self, x, *args, **kwargs):
+            out, bias = super().forward(x, *args, **kwargs)
+            return out + self._lora(x.to(self.lora_a.dtype)).to(out.dtype), bias
+
+        def _lora(self, x):
+            group = self.lora_group
+            if parallel == "column":  # x whole (or split by sequence): h whole, then this rank's output rows
+                h = F.linear(self.lora_dropout(x), self.lora_a)
+                if self.lora_sequence_parallel:
+                    h = tpl.gather_from_sequence_parallel_region(h, group=group)
+                else:  # identity forward; backward sums dh over ranks, so A's grad is whole
+                    h = tpl.copy_to_tensor_model_parallel_region(h, group=group)
+                return F.linear(h, self.lora_b) * self.lora_scale
+            with tpl.get_cuda_rng_tracker().fork():  # x is split by features: dropout per TP rank
+                x = self.lora_dropout(x)
+            h = F.linear(x, self.lora_a)  # partial sums over this rank's input features
+            if self.lora_sequence_parallel:
+                h = tpl.reduce_scatter_to_sequence_parallel_region(h, group=group)
+            else:
+                h = tpl.reduce_from_tensor_model_parallel_region(h, group=group)
+            return F.linear(h, self.lora_b) * self.lora_scale
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            """The base's entries, with the split LoRA factor marked split (the base would mark it replicated)."""
+            sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            dp_cp_group = (metadata or {}).get("dp_cp_group")
+            groups = dict(tp_group=self.lora_group, dp_cp_group=dp_cp_group) if dp_cp_group is not None else {}
+            key = f"{prefix}{split_name}"
+            sd[key] = make_tp_sharded_tensor_for_checkpoint(
+                getattr(self, split_name), key, split_axis, prepend_offsets=sharded_offsets, **groups
+            )
+            if self.lora_glu:  # saved as separate gate and up halves, so a checkpoint reshards across TP sizes
+                sd[key] = apply_swiglu_sharded_factory(
+                    sd[key], sharded_offsets, tp_group=self.lora_group, dp_group=dp_cp_group
+                )
+            return sd
+
+    LoRALinear.__name__ = LoRALinear.__qualname__ = f"LoRA{base.__name__}"
+    return LoRALinear

@@ -1,0 +1,225 @@
+"""megatron-core on a machine without CUDA: the one place that patches it, and only there.
+
+megatron-core 0.19 hard-codes CUDA in code that is otherwise device-agnostic (about 200
+``torch.cuda.current_device()`` calls, about 70 ``device="cuda"`` literals). On a CUDA machine ``apply()``
+does nothing, so the GPU path runs Megatron unpatched. Without CUDA it patches, in order of reach:
+
+1. ``torch.cuda.current_device`` -> ``torch.device("cpu")``, ``torch.cuda.synchronize`` -> no-op and
+   ``torch.cuda.current_stream`` -> a stream whose waits are no-ops (Megatron DDP's grad sync).
+   The calls are spread over ~40 Megatron modules (global memory buffer, RoPE, attention, linears,
+   tensor-parallel mappings, p2p, DDP buffers, dist-checkpointing, timers), all written as
+   ``torch.cuda.<fn>()`` lookups, so the two functions are replaced on ``torch.cuda`` itself (nothing else
+   of ``torch.cuda``). Without CUDA both would raise anyway, so no working code path changes meaning.
+2. ``torch`` as seen by a few Megatron modules (``_DEVICE_LITERAL_MODULES``): a proxy whose tensor
+   factories map ``device="cuda"`` to the CPU. Covers the schedules' token counter (every schedule, even
+   ``forward_backward_no_pipelining``), the default causal mask of the unfused softmax (attention without
+   an explicit mask) and ``broadcast_data``.
+3. ``Tensor.cuda()`` made the identity, only while two Megatron functions run: ``LanguageModule.
+   setup_embeddings_and_output_layer`` (tied embeddings with PP > 1 all-reduce the output layer's initial copy
+   after moving it to the GPU) and ``tensor_parallel.broadcast_data``.
+4. The model-parallel RNG tracker (``tensor_parallel.random``): ``CudaRNGStatesTracker`` is replaced by a
+   subclass that keeps its named states as CPU generator states, and ``_get/_set_cuda_rng_state`` read/write
+   the CPU generator. So ``model_parallel_cuda_manual_seed`` works, dropout inside ``tracker.fork()`` draws
+   from the tensor-parallel stream, and activation recompute restores the right state.
+
+Measured to work with it (tests/parallel/test_cpu_shim.py): RNG tracker + dropout + recompute, TP, PP 1F1B,
+plain ``dist_checkpointing.save/load`` (resharding TP=2 -> 1). Not covered, still CUDA-only here:
+``sequence_parallel=True`` (needs TE/apex norms), Megatron's optimizer (``get_megatron_optimizer``,
+clip-grad/l2-norm: use a torch optimizer), the rerun state machine's non-default modes, dist-checkpointing's
+cached-structure saves and fully-parallel load exchange.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+
+# Megatron modules whose ``device="cuda"`` literals sit on a path we run on the CPU.
+_DEVICE_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.transformer.utils",
+    "megatron.core.tensor_parallel.data",
+)
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "empty_like", "zeros_like", "ones_like")
+
+_applied = False
+_originals: dict = {}
+
+
+def needed() -> bool:
+    """True when the shim applies: CUDA is absent."""
+    return not torch.cuda.is_available()
+
+
+def is_active() -> bool:
+    return _applied
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+class _CpuStream:
+    """``torch.cuda.current_stream()`` for Megatron DDP's grad sync, which waits on CUDA-graph events (none here)."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+def _cpu_current_stream(device=None) -> _CpuStream:
+    return _CpuStream()
+
+
+def _noop_synchronize(device=None) -> None:
+    return None
+
+
+def _map_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CpuDeviceTorch(types.ModuleType):
+    """``torch`` for one Megatron module: the same module, except factories send ``device="cuda"`` to the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            fn = getattr(torch, name)
+            setattr(self, name, self._mapped(fn))
+
+    @staticmethod
+    def _mapped(fn):
+        def factory(*args, device=None, **kwargs):
+            return fn(*args, device=_map_device(device), **kwargs)
+
+        factory.__name__ = fn.__name__
+        return factory
+
+    def __getattr__(self, name):  # everything else is the real torch
+        return getattr(torch, name)
+
+
+def _tensor_cuda_is_identity(fn):
+    """``fn`` with ``Tensor.cuda`` returning the tensor itself while it runs (it would raise here anyway)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    return wrapper
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_tracker_class(base):
+    """``CudaRNGStatesTracker`` whose named states are CPU generator states (what dropout on the CPU uses)."""
+
+    class CpuRNGStatesTracker(base):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name="model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    return CpuRNGStatesTracker
+
+
+def apply() -> bool:
+    """Patch megatron-core for the CPU if CUDA is absent; idempotent. Returns whether the shim is active.
+
+    Call before ``model_parallel_cuda_manual_seed`` (it creates the RNG tracker); ``parallel.dist.init_parallel``
+    does.
+    """
+    global _applied
+    if _applied or not needed():
+        return _applied
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _originals["torch.cuda"] = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream)
+    torch.cuda.current_device = _cpu_current_device
+    torch.cuda.synchronize = _noop_synchronize
+    torch.cuda.current_stream = _cpu_current_stream
+
+    for name in _DEVICE_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        _originals[name] = module.torch
+        module.torch = _CpuDeviceTorch()
+
+    from megatron.core import tensor_parallel
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.tensor_parallel import data as tp_data
+
+    _originals["cuda()"] = (LanguageModule.setup_embeddings_and_output_layer, tp_data.broadcast_data)
+    LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
+    tp_data.broadcast_data = tensor_parallel.broadcast_data = _tensor_cuda_is_identity(tp_data.broadcast_data)
+
+    _originals["random"] = (mrandom.CudaRNGStatesTracker, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
+    mrandom.CudaRNGStatesTracker = _cpu_tracker_class(mrandom.CudaRNGStatesTracker)
+    mrandom._get_cuda_rng_state = _cpu_get_rng_state
+    mrandom._set_cuda_rng_state = _cpu_set_rng_state
+    if mrandom._CUDA_RNG_STATE_TRACKER is not None and not isinstance(
+        mrandom._CUDA_RNG_STATE_TRACKER, mrandom.CudaRNGStatesTracker
+    ):  # a CUDA tracker made before apply() cannot work here: let the next seed call rebuild it
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    _applied = True
+    return True
+
+
+def remove() -> None:
+    """Undo ``apply()`` (tests use it to check the shim's reach)."""
+    global _applied
+    if not _applied:
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream = _originals.pop("torch.cuda")
+    for name in _DEVICE_LITERAL_MODULES:
+        importlib.import_module(name).torch = _originals.pop(name)
+    from megatron.core import tensor_parallel
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.tensor_parallel import data as tp_data
+
+    LanguageModule.setup_embeddings_and_output_layer, tp_data.broadcast_data = _originals.pop("cuda()")
+    tensor_parallel.broadcast_data = tp_data.broadcast_data
+    mrandom.CudaRNGStatesTracker, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = _originals.pop("random")
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    _applied = False
