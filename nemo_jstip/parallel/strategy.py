@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from megatron.core import parallel_state as ps
 
 from nemo_jstip.parallel import cpu
+from nemo_jstip.parallel.dist import init_parallel
 
 
 class MegatronStrategy(DDPStrategy):
@@ -38,15 +39,7 @@ class MegatronStrategy(DDPStrategy):
         world = torch.distributed.get_world_size()
         if world % (self.tp * self.pp * self.cp):
             raise ValueError(f"world size {world} is not divisible by TP={self.tp} x PP={self.pp} x CP={self.cp}")
-        if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(
-                tensor_model_parallel_size=self.tp,
-                pipeline_model_parallel_size=self.pp,
-                context_parallel_size=self.cp,
-            )
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(self.seed)
+        init_parallel(self.tp, self.pp, cp=self.cp, seed=self.seed)
 
     def setup(self, trainer) -> None:
         self.accelerator.setup(trainer)
