@@ -17,6 +17,8 @@ def main(cfg):
     exp_manager(trainer, cfg.get("exp_manager"))
     model = JSTIPModel(cfg.model, trainer=trainer)
     trainer.fit(model)
+    if cfg.get("model_out"):
+        model.save_to(cfg.model_out)  # rank 0 writes; see docs/training.md
 
 
 if __name__ == "__main__":

@@ -13,17 +13,17 @@ state); without a trainer they are built at once in a single-process parallel st
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from functools import partial
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from nemo.core.classes import ModelPT
+from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoTokenizer
 
@@ -33,6 +33,10 @@ from nemo_jstip.data.interleave import InterleaveConfig
 from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss
 from nemo_jstip.modules.perception import SpeechPerception
 from nemo_jstip.parallel.dist import init_parallel
+
+if "nemo_jstip." not in ALLOWED_TARGET_PREFIXES:  # NeMo instantiates only allow-listed `_target_`s
+    ALLOWED_TARGET_PREFIXES.append("nemo_jstip.")
+_TOKENIZER_FILES = {"tokenizer_json": "tokenizer.json", "tokenizer_config": "tokenizer_config.json"}
 
 
 class JSTIPStage(torch.nn.Module):
@@ -95,8 +99,15 @@ class JSTIPModel(ModelPT):
 
     # ------------------------------------------------------------------ construction
     def _load_tokenizer(self):
-        path = self.register_artifact("tokenizer.path", self.cfg.tokenizer.path)
-        return AutoTokenizer.from_pretrained(str(path))
+        """The LLM's HF tokenizer; its two files travel inside the .nemo as artifacts."""
+        tok = self.cfg.tokenizer
+        folder = Path(tempfile.mkdtemp(prefix="jstip_tokenizer_"))
+        for key, name in _TOKENIZER_FILES.items():
+            if not tok.get(key):
+                with open_dict(self.cfg):
+                    tok[key] = str(Path(tok.path) / name)
+            shutil.copy(self.register_artifact(f"tokenizer.{key}", tok[key]), folder / name)
+        return AutoTokenizer.from_pretrained(str(folder))
 
     def configure_model(self) -> None:
         if self.stage is not None:
@@ -246,6 +257,13 @@ class JSTIPModel(ModelPT):
             self.setup_training_data(self.cfg.train_ds)
         if stage in ("fit", "validate") and self.cfg.get("validation_ds") is not None and self._validation_dl is None:
             self.setup_validation_data(self.cfg.validation_ds)
+
+    def save_to(self, save_path: str):
+        if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError(
+                "saving a .nemo from a TP/PP > 1 run needs the distributed-checkpoint format, which is not built yet"
+            )
+        super().save_to(save_path)
 
     @classmethod
     def list_available_models(cls):

@@ -29,3 +29,37 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, out_dir: str |
     if out_dir is not None:
         hf.save_pretrained(str(out_dir))
     return hf
+
+
+def corpus_texts(corpus_dir: str | Path) -> list[str]:
+    """What a tiny LLM's tokenizer is trained on: the general transcripts and the domain text of the corpus
+    (as an LLM's pretraining text would include such text; dev/test transcripts are never read)."""
+    from lhotse import CutSet
+
+    d = Path(corpus_dir)
+    texts = [c.supervisions[0].text for c in CutSet.from_file(d / "general_train_cuts.jsonl")]
+    for f in sorted(d.glob("*_text.txt")):
+        texts += f.read_text().splitlines()
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m nemo_jstip.prep.tokenizer corpus_dir=DIR [vocab_size=1000] [out_dir=DIR/tokenizer]"""
+    import sys
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(
+        {"corpus_dir": "data/demo_corpus", "vocab_size": 1000, "out_dir": None},
+        OmegaConf.from_cli(argv if argv is not None else sys.argv[1:]),
+    )
+    out = Path(cfg.out_dir or Path(cfg.corpus_dir) / "tokenizer")
+    if (out / "tokenizer.json").exists():
+        print(f"reusing tokenizer in {out}")
+        return
+    tok = train_tokenizer(corpus_texts(cfg.corpus_dir), cfg.vocab_size, out)
+    print(f"trained a {len(tok)}-token byte-level BPE into {out}")
+
+
+if __name__ == "__main__":
+    main()

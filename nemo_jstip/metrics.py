@@ -1,0 +1,90 @@
+"""WER, entity accuracy and spoken-QA accuracy (JSTIP.md, "How results are measured").
+
+Normalisation is Whisper's English normaliser (lowercase, punctuation, spelled-out and written numbers alike),
+WER is NeMo's ``word_error_rate_detail``. A reference entity mention is correct when its normalised words appear
+contiguously in the normalised hypothesis; a QA answer is correct when any accepted answer does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _normalizer():
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
+
+
+def normalize(text: str) -> str:
+    return " ".join(_normalizer()(text).split())
+
+
+def contains(hypothesis: str, phrase: str) -> bool:
+    """``phrase``'s normalised words occur contiguously in the normalised ``hypothesis`` (word boundaries kept)."""
+    phrase = normalize(phrase)
+    return bool(phrase) and f" {phrase} " in f" {normalize(hypothesis)} "
+
+
+def wer(references: list[str], hypotheses: list[str]) -> dict:
+    from nemo.collections.asr.metrics.wer import word_error_rate_detail
+
+    if not references:
+        return {"wer": None, "words": 0}
+    rate, words, ins, dels, subs = word_error_rate_detail(
+        [normalize(h) for h in hypotheses], [normalize(r) for r in references]
+    )
+    return {"wer": rate, "words": words, "insertion_rate": ins, "deletion_rate": dels, "substitution_rate": subs}
+
+
+def entity_mentions(rows: list[dict]) -> list[dict]:
+    """One record per reference entity mention: ``rows`` have cut_id, hypothesis, entities, domain."""
+    out = []
+    for row in rows:
+        for e in row.get("entities") or []:
+            out.append(
+                {
+                    "cut_id": row["cut_id"],
+                    "domain": row.get("domain"),
+                    "type": e["type"],
+                    "entity": e["text"],
+                    "seen_in_text": e.get("seen_in_text"),
+                    "correct": contains(row["hypothesis"], e["text"]),
+                    "hypothesis": row["hypothesis"],
+                }
+            )
+    return out
+
+
+def accuracy_by(mentions: list[dict], key: str) -> dict:
+    groups = defaultdict(list)
+    for m in mentions:
+        groups[str(m[key])].append(m["correct"])
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def qa_correct(hypothesis: str, answers: list[str]) -> bool:
+    return any(contains(hypothesis, a) for a in answers)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The metrics of a decoded manifest: overall, per domain, per entity type (what metrics.json holds)."""
+    mentions = entity_mentions(rows)
+    out = {"num_utterances": len(rows), **wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])}
+    out["entity_accuracy"] = sum(m["correct"] for m in mentions) / len(mentions) if mentions else None
+    out["entity_mentions"] = len(mentions)
+    out["entity_accuracy_by_type"] = accuracy_by(mentions, "type")
+    out["entity_accuracy_by_seen_in_text"] = accuracy_by([m for m in mentions if m["seen_in_text"] is not None], "seen_in_text")
+    domains = sorted({r["domain"] for r in rows if r.get("domain")})
+    out["domains"] = {}
+    for d in domains:
+        sub = [r for r in rows if r.get("domain") == d]
+        dm = [m for m in mentions if m["domain"] == d]
+        out["domains"][d] = {
+            "num_utterances": len(sub),
+            "wer": wer([r["reference"] for r in sub], [r["hypothesis"] for r in sub])["wer"],
+            "entity_accuracy": sum(m["correct"] for m in dm) / len(dm) if dm else None,
+        }
+    return out

@@ -1,0 +1,36 @@
+import pytest
+
+from nemo_jstip.metrics import contains, normalize, qa_correct, summarize, wer
+
+
+def test_normalisation_treats_spelled_and_written_numbers_alike():
+    assert normalize("Doctor Patel, twenty-five milligrams!") == normalize("doctor patel 25 milligrams")
+
+
+def test_contains_respects_word_boundaries():
+    assert contains("give metformin now", "metformin")
+    assert not contains("give metformins now", "metformin")
+    assert contains("pay four hundred and twenty dollars today", "four hundred and twenty dollars")
+    assert not contains("pay four hundred dollars", "four hundred and twenty dollars")
+
+
+def test_wer_counts_errors_against_reference_words():
+    out = wer(["a b c d"], ["a x c"])
+    assert out["words"] == 4 and out["wer"] == pytest.approx(0.5)
+
+
+def test_summary_per_domain_type_and_qa():
+    rows = [
+        {"cut_id": "1", "reference": "give metformin now", "hypothesis": "give metformin now", "domain": "medical",
+         "entities": [{"text": "metformin", "type": "drug", "seen_in_text": True}]},
+        {"cut_id": "2", "reference": "pay chase today", "hypothesis": "pay chaste today", "domain": "banking",
+         "entities": [{"text": "chase", "type": "bank", "seen_in_text": False}]},
+        {"cut_id": "3", "reference": "hello there", "hypothesis": "hello there", "domain": "general", "entities": []},
+    ]
+    s = summarize(rows)
+    assert s["num_utterances"] == 3 and s["entity_mentions"] == 2 and s["entity_accuracy"] == 0.5
+    assert s["entity_accuracy_by_type"] == {"bank": 0.0, "drug": 1.0}
+    assert s["entity_accuracy_by_seen_in_text"] == {"False": 0.0, "True": 1.0}
+    assert s["domains"]["medical"]["entity_accuracy"] == 1.0 and s["domains"]["general"]["entity_accuracy"] is None
+    assert s["domains"]["banking"]["wer"] == pytest.approx(1 / 3)
+    assert qa_correct("I think it is Paris.", ["paris"]) and not qa_correct("london", ["paris"])
