@@ -87,7 +87,7 @@ class JSTIPModel(ModelPT):
         self.stage: JSTIPStage | None = None
         self.automatic_optimization = False
         self.tokenizer = self._load_tokenizer()
-        self.interleave_cfg = InterleaveConfig(**OmegaConf.to_container(self.cfg.get("interleave") or {}))
+        self.interleave_cfg = InterleaveConfig(**OmegaConf.to_container(self.cfg.get("interleave") or OmegaConf.create()))
         add_special_tokens(self.tokenizer, self.interleave_cfg)
         llm = OmegaConf.to_container(self.cfg.llm, resolve=True)
         llm["vocab_size"] = max(llm.get("vocab_size") or 0, len(self.tokenizer))

@@ -157,6 +157,9 @@ class SpeechPerception(nn.Module):
         if enc.get("feat_in") != feats:
             raise ValueError(f"encoder.feat_in={enc.get('feat_in')} must equal the preprocessor's {feats} features")
         self.preprocessor = AudioToMelSpectrogramPreprocessor(**pre)
+        # NeMo's default all-reduces the batch's max audio length over the whole world on every forward: with
+        # PP > 1 (encoder on the first stage only) or ranks decoding different batch counts that deadlocks.
+        enc.setdefault("sync_max_audio_length", False)
         self.encoder = ConformerEncoder(**enc)
         spec_aug = cfg.get("spec_augment")
         self.spec_augmentation = SpectrogramAugmentation(**_kwargs("spec_augment", spec_aug)) if spec_aug else None
