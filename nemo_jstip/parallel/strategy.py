@@ -61,7 +61,4 @@ class MegatronStrategy(DDPStrategy):
         """Reduce over the data-parallel group by default (model-parallel ranks hold the same metrics)."""
         return super().reduce(tensor, group=group or ps.get_data_parallel_group(), reduce_op=reduce_op)
 
-    def teardown(self) -> None:
-        super().teardown()
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
+    # No teardown of Megatron's groups: the model stays usable after fit (save_to, test, generate).

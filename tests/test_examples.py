@@ -1,0 +1,41 @@
+"""The example scripts end to end, as a user runs them: train a few steps, save the .nemo, evaluate it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lhotse import CutSet
+
+from nemo_jstip.prep.tokenizer import main as make_tokenizer
+
+ROOT = Path(__file__).parents[1]
+TINY = [
+    "model.llm.num_layers=2", "model.llm.hidden_size=64", "model.llm.ffn_hidden_size=128",
+    "model.perception.encoder.n_layers=2", "model.perception.encoder.d_model=64",
+    "model.perception.encoder.subsampling_conv_channels=64", "model.perception.adapter.hidden_size=64",
+]
+
+
+def run(args, cwd):
+    out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out.stdout
+
+
+def test_train_save_evaluate(tiny_corpus, tmp_path):
+    make_tokenizer([f"corpus_dir={tiny_corpus}", "vocab_size=300"])
+    nemo = tmp_path / "tiny.nemo"
+    run([str(ROOT / "examples/jstip_train.py"), f"corpus_dir={tiny_corpus}", f"exp_manager.exp_dir={tmp_path}",
+         f"model_out={nemo}", "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+         "model.train_ds.loader.num_workers=0", "model.train_ds.sampler.max_tokens=1024", *TINY], tmp_path)
+    assert nemo.exists()
+    manifest = tiny_corpus / "medical_test_cuts.jsonl"
+    out = run([str(ROOT / "examples/jstip_eval.py"), f"model={nemo}", f"data.manifest={manifest}",
+               f"output_dir={tmp_path / 'eval'}", "max_new_tokens=4"], tmp_path)
+    assert "| medical |" in out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"wer", "entity_accuracy", "num_utterances"} <= set(metrics) and "medical" in metrics["domains"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "hypotheses.jsonl").read_text().splitlines()]
+    assert sorted(r["cut_id"] for r in rows) == sorted(CutSet.from_file(manifest).ids)
+    assert all({"cut_id", "reference", "hypothesis"} <= set(r) for r in rows)
+    assert metrics["num_utterances"] == len(rows)
