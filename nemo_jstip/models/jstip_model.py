@@ -46,9 +46,15 @@ class JSTIPStage(torch.nn.Module):
         super().__init__()
         self.perception, self.gpt, self.vocab_size = perception, gpt, vocab_size
         self.config, self.model_type = gpt.config, gpt.model_type  # what Megatron's schedules read
+        # what finalize_model_grads reads with PP > 1 (embedding-grad all-reduce between the first and last stage)
+        self.pre_process, self.post_process = gpt.pre_process, gpt.post_process
+        self.share_embeddings_and_output_weights = gpt.share_embeddings_and_output_weights
 
     def set_input_tensor(self, tensor) -> None:
         self.gpt.set_input_tensor(tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.gpt.shared_embedding_or_output_weight()
 
     def embed(self, batch: dict) -> torch.Tensor:
         """Token embeddings with the encoder frames spliced in at the placeholders: [L, B, H] (SP-scattered)."""

@@ -1,0 +1,195 @@
+"""JSTIPModel under Megatron parallelism, on real gloo processes: TP, PP (1F1B) and TP x PP give the loss and the
+gradients of one process; DP=2 with Megatron DDP equals one process over both ranks' data, for several AdamW steps.
+
+Every rank imports the same tiny random HF Llama into its TP shard / PP stage (``load_hf_weights``) and loads the
+same perception weights on the first stage; the batches are two real JSTIPDataset batches (asr, interleaved and
+text items, different lengths). The single-process run over both batches as two microbatches is the reference for
+every layout, the DP one included (per-token loss: the same tokens, the same normalisation).
+"""
+
+import re
+
+import pytest
+import torch
+
+from nemo_jstip.parallel.dist import spawn
+
+STEPS = 3  # optimizer steps of the DP comparison
+LR = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- rank bodies
+def _build(setup_path, tp: int, pp: int):
+    from omegaconf import OmegaConf
+
+    from nemo_jstip.models.jstip_model import JSTIPModel
+    from nemo_jstip.modules.hf_import import load_hf_weights
+    from nemo_jstip.parallel.dist import init_parallel
+
+    torch.set_num_threads(1)  # the ranks share 2 cores with each other (and with other jobs)
+    init_parallel(tp=tp, pp=pp)
+    data = torch.load(setup_path, weights_only=False)
+    model = JSTIPModel(OmegaConf.create(data["cfg"]))  # no trainer: built at once in the current parallel state
+    stage = model.stage
+    load_hf_weights(stage.gpt, data["hf"], model.llm_cfg)
+    if stage.perception is not None:
+        stage.perception.load_state_dict(data["perception"])
+    return model, data["batches"]
+
+
+def _named(model, value) -> dict:
+    """``value(param)`` for each trainable parameter, LLM names with global layer numbers (``llm.``) and
+    perception names (``perception.``)."""
+    stage = model.stage
+    local_to_global = {i: layer.layer_number - 1 for i, layer in enumerate(stage.gpt.decoder.layers)}
+    out = {}
+    for name, p in stage.gpt.named_parameters():
+        if p.requires_grad:
+            name = re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{local_to_global[int(m[1])]}.", name)
+            out[f"llm.{name}"] = value(p).detach().clone()
+    if stage.perception is not None:
+        for name, p in stage.perception.named_parameters():
+            if p.requires_grad:
+                out[f"perception.{name}"] = value(p).detach().clone()
+    return out
+
+
+def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps: int = 0) -> dict:
+    """Rank body: forward-only loss, one forward/backward (loss, main_grad), then ``steps`` AdamW steps as
+    ``JSTIPModel.training_step`` takes them. ``split_batches``: data-parallel rank r trains on batch r only."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_jstip.models.jstip_model import clip_grad_norm
+
+    model, batches = _build(setup_path, tp, pp)
+    if split_batches:
+        batches = batches[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
+    out = {
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+        "schedule": get_forward_backward_func().__name__,
+        "eval": model.loss(batches),
+    }
+    model.ddp.zero_grad_buffer()
+    out["train"] = model._forward_backward(batches, forward_only=False)
+    out["grads"] = _named(model, lambda p: p.main_grad)
+
+    params = [p for p in model.stage.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    out["steps"] = []
+    for _ in range(steps):  # JSTIPModel.training_step without Lightning
+        model.ddp.zero_grad_buffer()
+        opt.zero_grad(set_to_none=True)
+        stats = model._forward_backward(batches, forward_only=False)
+        for p in params:
+            p.grad = p.main_grad
+        norm = clip_grad_norm(params, model.cfg.max_grad_norm)
+        opt.step()
+        out["steps"].append((stats["loss"], norm))
+    out["weights"] = _named(model, lambda p: p.data)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _llm_cfg(setup_path):
+    from nemo_jstip.modules.llm import LLMConfig
+
+    cfg = torch.load(setup_path, weights_only=False)["cfg"]["llm"]
+    return LLMConfig(**cfg)
+
+
+def _hf_view(ranks: list[dict], key: str, llm_cfg) -> dict:
+    """``key`` ("grads" / "weights") of all ranks of one model replica as one HF-named LLM dict plus the
+    perception dict: TP shards are joined and padded vocabulary rows dropped (``megatron_to_hf``), PP stages merged."""
+    from nemo_jstip.modules.hf_import import megatron_to_hf
+
+    tp = 1 + max(r["tp_rank"] for r in ranks)
+    shards = [{} for _ in range(tp)]
+    perception = {}
+    for r in ranks:
+        for name, t in r[key].items():
+            if name.startswith("llm."):
+                shards[r["tp_rank"]][name[4:]] = t
+            elif r["tp_rank"] == 0:
+                perception[name] = t
+    return {**{f"llm.{k}": v for k, v in megatron_to_hf(shards, llm_cfg).items()}, **perception}
+
+
+def _max_rel_diff(got: dict, want: dict) -> tuple[float, str]:
+    """max over tensors of max|got - want| / max(max|want|, 1e-2 * the largest |want| of all), with the worst
+    tensor's name. The floor: a few parameters have a gradient that is zero in exact arithmetic (a conv bias right
+    before BatchNorm, the attention key bias) and only rounding noise in fp32, which no two layouts share."""
+    assert got.keys() == want.keys(), sorted(got.keys() ^ want.keys())[:8]
+    floor = 1e-2 * max(v.abs().max().item() for v in want.values())
+    worst = (0.0, "")
+    for k in want:
+        scale = max(want[k].abs().max().item(), floor)
+        worst = max(worst, ((got[k] - want[k]).abs().max().item() / scale, k))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def reference(parallel_setup):
+    """One process (TP=PP=DP=1), both batches as two microbatches, then STEPS optimizer steps."""
+    (r,) = spawn(run_layout, 1, parallel_setup, 1, 1, steps=STEPS, timeout_s=120)  # starts the forkserver
+    assert r["train"]["tokens"] > 0 and all(v.abs().sum() > 0 for k, v in r["grads"].items() if "perception" in k)
+    losses = [loss for loss, _ in r["steps"]]
+    assert losses == sorted(losses, reverse=True) and losses[0] == r["train"]["loss"]  # it trains
+    return r
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+def test_model_parallel_matches_one_process(parallel_setup, reference, tp, pp):
+    """Same weights and batches: TP/PP/TPxPP (2 microbatches, 1F1B with PP) give the single-process loss
+    (training and forward-only, on every rank) and the same gradients of every LLM and perception parameter."""
+    ranks = spawn(run_layout, tp * pp, parallel_setup, tp, pp, timeout_s=60)
+    want = reference["train"]
+    schedule = "forward_backward_pipelining_without_interleaving" if pp > 1 else "forward_backward_no_pipelining"
+    for r in ranks:
+        assert r["schedule"] == schedule
+        assert r["train"]["tokens"] == want["tokens"] and r["eval"]["tokens"] == want["tokens"]
+        assert r["train"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert r["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=1e-5)
+    assert {r["pp_rank"] for r in ranks if any(k.startswith("perception.") for k in r["grads"])} == {0}
+
+    llm_cfg = _llm_cfg(parallel_setup)
+    got, ref = _hf_view(ranks, "grads", llm_cfg), _hf_view([reference], "grads", llm_cfg)
+    diff, name = _max_rel_diff(got, ref)
+    print(f"tp={tp} pp={pp}: loss {ranks[-1]['train']['loss']:.7f} vs {want['loss']:.7f}; "
+          f"max rel grad diff {diff:.2e} ({name})")
+    assert diff < 1e-4, name
+    perception = {k: v for k, v in got.items() if k.startswith("perception.")}
+    assert len(perception) == sum(k.startswith("perception.") for k in ref)
+    for r in ranks:  # TP ranks of the first stage hold the same (replicated) perception gradients
+        for k, v in r["grads"].items():
+            if k.startswith("perception."):
+                assert torch.equal(v, got[k]), k
+
+
+def test_data_parallel_matches_one_process_on_both_batches(parallel_setup, reference):
+    """DP=2, rank r on batch r: the DDP-reduced per-token gradients equal one process's over both batches (as two
+    microbatches); after STEPS AdamW steps with grad clipping the weights are identical on both ranks and match the
+    single-process run."""
+    r0, r1 = spawn(run_layout, 2, parallel_setup, 1, 1, split_batches=True, steps=STEPS, timeout_s=60)
+    assert (r0["dp_rank"], r1["dp_rank"]) == (0, 1)
+    for r in (r0, r1):
+        assert r["train"]["tokens"] == reference["train"]["tokens"]  # all-reduced over DP
+        assert r["train"]["loss"] == pytest.approx(reference["train"]["loss"], rel=1e-5)
+        assert r["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=1e-5)
+    for k in r0["grads"]:  # all-reduced: the same on both ranks
+        assert torch.equal(r0["grads"][k], r1["grads"][k]), k
+    grad_diff, gname = _max_rel_diff(r0["grads"], reference["grads"])
+    assert grad_diff < 1e-4, gname
+
+    for (l0, n0), (l1, n1), (lr, nr) in zip(r0["steps"], r1["steps"], reference["steps"]):
+        assert (l0, n0) == (l1, n1)
+        assert l0 == pytest.approx(lr, rel=1e-5) and n0 == pytest.approx(nr, rel=1e-4)
+    assert any(n > 0.5 for _, n in reference["steps"])  # clipping (max_grad_norm 0.5, conftest) was exercised
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+    weight_diff = max((r0["weights"][k] - reference["weights"][k]).abs().max().item() for k in r0["weights"])
+    print(f"dp=2: max rel grad diff {grad_diff:.2e} ({gname}); max |w_dp - w_1| after {STEPS} steps {weight_diff:.2e}")
+    assert weight_diff < 1e-6
