@@ -18,14 +18,15 @@ from nemo_jstip.metrics import entity_mentions, summarize
 from nemo_jstip.modules.generate import decode_text, greedy_generate
 
 
-def eval_loader(model, manifest: str, max_tokens: int = 8192, num_workers: int = 0):
-    """Prompt-mode batches (audio-first ASR prompts, left-padded) in manifest order."""
+def eval_loader(model, manifest, max_tokens: int = 8192, num_workers: int = 0):
+    """Prompt-mode batches (audio-first ASR prompts, left-padded) of one manifest or a list, in order."""
     from megatron.core import parallel_state as ps
 
     from nemo_jstip.data.nemo_types import build_dataloader
 
+    paths = [manifest] if isinstance(manifest, (str, Path)) else list(manifest)
     cfg = {
-        "input_cfg": [{"type": "jstip_cuts", "cuts_path": str(manifest), "kind": "asr"}],
+        "input_cfg": [{"type": "jstip_cuts", "cuts_path": [str(Path(p).resolve()) for p in paths], "kind": "asr"}],
         "sampler": {"max_tokens": max_tokens, "num_buckets": 1, "shuffle": False, "seed": 0},
         "interleave": OmegaConf.to_container(model.cfg.get("interleave") or {}, resolve=True),
         "dataset": {"prompt": True},
