@@ -18,17 +18,10 @@ def random_sentence(rng, lo=1, hi=20):
 @pytest.fixture(scope="session")
 def _tokenizer_json():
     """A byte-level BPE (GPT-2 style: the space belongs to the next word) trained offline on generated text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from nemo_jstip.prep.tokenizer import train_tokenizer
 
     rng = np.random.default_rng(0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|bos|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([random_sentence(rng) for _ in range(400)], trainer)
-    return tok.to_str()
+    return train_tokenizer([random_sentence(rng) for _ in range(400)], vocab_size=400).backend_tokenizer.to_str()
 
 
 def _wrap(tokenizer_json):
