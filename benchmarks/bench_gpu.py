@@ -8,8 +8,7 @@ wanted and the batch is random token ids, built directly in the batch contract o
 positions are speech frames taken from ``--audio-seconds`` long random waveforms (as many per row as needed).
 
 One step = what ``JSTIPModel.training_step`` does without a Trainer (as tests/models/test_overfit.py):
-``ddp.zero_grad_buffer`` + ``_forward_backward`` (Megatron schedule, 1 microbatch by default) + main_grad -> grad
-+ ``clip_grad_norm`` + AdamW step, timed with CUDA synchronisation after ``--warmup`` untimed steps.
+``JSTIPModel.optimizer_step`` (Megatron schedule, 1 microbatch by default, Megatron DDP, grad clipping, AdamW), timed with CUDA synchronisation after ``--warmup`` untimed steps.
 
 MFU (LLM side only; encoder + adapter FLOPs are not counted but their time is in the step):
     flops/step = 6 * (N_nonemb + V*h) * T  +  6 * n_layers * (heads*head_dim) * S^2 * B
@@ -161,7 +160,7 @@ def peak_flops(a, device) -> tuple[float | None, str]:
 def run_config(name: str, a, tok_dir: str, device) -> dict:
     from omegaconf import OmegaConf
 
-    from nemo_jstip.models.jstip_model import JSTIPModel, clip_grad_norm
+    from nemo_jstip.models.jstip_model import JSTIPModel
     from nemo_jstip.modules.llm import te_available
 
     spec, params_dtype, fp8, recipe = CONFIGS[name]
@@ -179,15 +178,8 @@ def run_config(name: str, a, tok_dir: str, device) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> float:
-        model.ddp.zero_grad_buffer()
-        opt.zero_grad(set_to_none=True)
         with autocast:
-            loss = model._forward_backward(batches, forward_only=False)["loss"]
-        for p in params:
-            p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
-        clip_grad_norm(params, 1.0)
-        opt.step()
-        return loss
+            return model.optimizer_step(batches, opt, 1.0)["loss"]
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(a.warmup):

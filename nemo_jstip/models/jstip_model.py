@@ -209,15 +209,7 @@ class JSTIPModel(ModelPT):
             return None
         batches = [self._to_device(b) for b in raw if b["input_ids"].shape[0] > 0]
         opt = self.optimizers()
-        self.ddp.zero_grad_buffer()
-        opt.zero_grad(set_to_none=True)
-        stats = self._forward_backward(batches, forward_only=False) if batches else {"loss": float("nan"), "tokens": 0}
-        params = [p for p in self.stage.parameters() if p.requires_grad]
-        for p in params:  # Megatron DDP accumulates (and all-reduces) into main_grad
-            p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
-        clip = self.cfg.get("max_grad_norm")
-        grad_norm = clip_grad_norm(params, clip) if clip else None
-        opt.step()
+        stats = self.optimizer_step(batches, opt, self.cfg.get("max_grad_norm"))
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -227,10 +219,23 @@ class JSTIPModel(ModelPT):
                 sampler.mark_consumed(b["position"])
         self.log("train_loss", stats["loss"], prog_bar=True, batch_size=1)
         self.log("train_tokens", float(stats["tokens"]), batch_size=1)
-        if grad_norm is not None:
-            self.log("grad_norm", grad_norm, batch_size=1)
+        if stats["grad_norm"] is not None:
+            self.log("grad_norm", stats["grad_norm"], batch_size=1)
         self.log("lr", opt.param_groups[0]["lr"], batch_size=1)
         return torch.tensor(stats["loss"])
+
+    def optimizer_step(self, batches: list[dict], optimizer, max_grad_norm: float | None = None) -> dict:
+        """One update from ``batches`` (microbatches on the device): schedule, Megatron DDP reduction, global-norm
+        clipping, ``optimizer.step()``. Returns loss, tokens and the pre-clip grad norm."""
+        self.ddp.zero_grad_buffer()
+        optimizer.zero_grad(set_to_none=True)
+        stats = self._forward_backward(batches, forward_only=False) if batches else {"loss": float("nan"), "tokens": 0}
+        params = [p for p in self.stage.parameters() if p.requires_grad]
+        for p in params:  # Megatron DDP accumulates (and all-reduces) into main_grad
+            p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
+        stats["grad_norm"] = clip_grad_norm(params, max_grad_norm) if max_grad_norm else None
+        optimizer.step()
+        return stats
 
     def loss(self, batches: list[dict]) -> dict:
         """Token-weighted loss over batches without updating anything (all stages, all ranks call it)."""

@@ -10,7 +10,7 @@ from tests.models.conftest import PERCEPTION
 
 def _overfit(cfg: dict, manifest: str, steps: int) -> list[dict]:
     from nemo_jstip.evaluate import transcribe
-    from nemo_jstip.models.jstip_model import JSTIPModel, clip_grad_norm
+    from nemo_jstip.models.jstip_model import JSTIPModel
 
     torch.manual_seed(0)
     cfg = OmegaConf.create(cfg)
@@ -19,14 +19,7 @@ def _overfit(cfg: dict, manifest: str, steps: int) -> list[dict]:
     model.setup_optimization(cfg.optim)
     batches, losses = iter(model._train_dl), []
     for _ in range(steps):  # what training_step does, without a Trainer
-        model.ddp.zero_grad_buffer()
-        model._optimizer.zero_grad()
-        losses.append(model._forward_backward([model._to_device(next(batches))], forward_only=False)["loss"])
-        params = [p for p in model.stage.parameters() if p.requires_grad]
-        for p in params:
-            p.grad = p.main_grad
-        clip_grad_norm(params, 1.0)
-        model._optimizer.step()
+        losses.append(model.optimizer_step([model._to_device(next(batches))], model._optimizer, 1.0)["loss"])
     rows, _ = transcribe(model, manifest, max_new_tokens=64)
     return losses, rows
 

@@ -60,7 +60,6 @@ def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nemo_jstip.models.jstip_model import clip_grad_norm
 
     model, batches = _build(setup_path, tp, pp)
     if split_batches:
@@ -80,14 +79,8 @@ def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps:
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
     out["steps"] = []
     for _ in range(steps):  # JSTIPModel.training_step without Lightning
-        model.ddp.zero_grad_buffer()
-        opt.zero_grad(set_to_none=True)
-        stats = model._forward_backward(batches, forward_only=False)
-        for p in params:
-            p.grad = p.main_grad
-        norm = clip_grad_norm(params, model.cfg.max_grad_norm)
-        opt.step()
-        out["steps"].append((stats["loss"], norm))
+        stats = model.optimizer_step(batches, opt, model.cfg.max_grad_norm)
+        out["steps"].append((stats["loss"], stats["grad_norm"]))
     out["weights"] = _named(model, lambda p: p.data)
     return out
 
