@@ -27,6 +27,7 @@ from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoTokenizer
 
+from nemo_jstip.checkpoint import JSTIPSaveRestoreConnector, load_nemo_weights
 from nemo_jstip.data.examples import add_special_tokens
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
@@ -100,6 +101,8 @@ class JSTIPModel(ModelPT):
         self.llm_cfg = LLMConfig(**llm)
         self.frame_spec = FrameSpec.from_config(self.cfg.perception)
         self._ddp = None
+        self._save_restore_connector = JSTIPSaveRestoreConnector()
+        self.init_from_nemo = self.cfg.get("init_from_nemo")  # weights to start from (e.g. a fine-tuning stage)
         if trainer is None:
             self.configure_model()
 
@@ -124,6 +127,19 @@ class JSTIPModel(ModelPT):
         perception = SpeechPerception(self.cfg.perception) if first else None
         gpt = build_llm(self.llm_cfg, config=self._transformer_config())
         self.stage = JSTIPStage(perception, gpt, self.llm_cfg.vocab_size)
+        if self.init_from_nemo:
+            load_nemo_weights(self, self.init_from_nemo)
+
+    def sharded_state_dict(self, prefix: str = "") -> dict:
+        """Megatron's layout-independent view of the weights (what the .nemo stores): the GPT's own, plus the
+        perception's tensors marked replicated over TP and DP."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        sd = self.stage.gpt.sharded_state_dict(prefix=f"{prefix}stage.gpt.")
+        if self.stage.perception is not None:
+            sd.update(make_sharded_tensors_for_checkpoint(self.stage.perception.state_dict(keep_vars=True),
+                                                          f"{prefix}stage.perception."))
+        return sd
 
     def _transformer_config(self):
         from nemo_jstip.modules.llm import transformer_config
@@ -235,7 +251,19 @@ class JSTIPModel(ModelPT):
             p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
         stats["grad_norm"] = clip_grad_norm(params, max_grad_norm) if max_grad_norm else None
         optimizer.step()
+        self._average_buffers()
         return stats
+
+    def _average_buffers(self) -> None:
+        """Keep the encoder's BatchNorm running statistics identical on all data-parallel ranks (Megatron DDP
+        reduces gradients only), so every replica evaluates and saves the same model."""
+        group = ps.get_data_parallel_group()
+        if ps.get_data_parallel_world_size() == 1 or self.stage.perception is None:
+            return
+        for buf in self.stage.perception.buffers():
+            if buf.is_floating_point():
+                torch.distributed.all_reduce(buf, group=group)
+                buf.div_(ps.get_data_parallel_world_size())
 
     def loss(self, batches: list[dict]) -> dict:
         """Token-weighted loss over batches without updating anything (all stages, all ranks call it)."""
@@ -269,12 +297,37 @@ class JSTIPModel(ModelPT):
         if stage in ("fit", "validate") and self.cfg.get("validation_ds") is not None and self._validation_dl is None:
             self.setup_validation_data(self.cfg.validation_ds)
 
+    # ------------------------------------------------------------------ checkpoints
     def save_to(self, save_path: str):
-        if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
-            raise NotImplementedError(
-                "saving a .nemo from a TP/PP > 1 run needs the distributed-checkpoint format, which is not built yet"
-            )
-        super().save_to(save_path)
+        """Write a .nemo; all ranks call it (each writes its shards; see nemo_jstip/checkpoint.py)."""
+        return self._save_restore_connector.save_to(self, str(save_path))
+
+    @classmethod
+    def restore_from(cls, restore_path: str, *args, save_restore_connector=None, **kwargs):
+        """Load a .nemo at the current TP/PP layout (initialise it first, e.g. ``parallel.dist.init_parallel``)."""
+        return super().restore_from(
+            restore_path, *args, save_restore_connector=save_restore_connector or JSTIPSaveRestoreConnector(), **kwargs
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Resume state beyond Lightning's: this rank's RNGs and the training sampler's consumed position."""
+        sampler = getattr(self._train_dl, "sampler", None)
+        checkpoint["jstip"] = {
+            "rng": {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+            "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("jstip")
+        if state is None:
+            return
+        torch.set_rng_state(state["rng"]["torch"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        if state["sampler"] is not None:
+            self._train_dl.sampler.load_state_dict(state["sampler"])
 
     @classmethod
     def list_available_models(cls):

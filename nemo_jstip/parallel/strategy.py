@@ -4,6 +4,12 @@ Lightning launches and sets up processes as for DDP; this strategy then initiali
 and leaves the model unwrapped: the model trains its Megatron stage through Megatron's pipeline schedules and
 Megatron's DistributedDataParallel itself (see models/jstip_model.py), so Lightning must neither wrap it in
 torch DDP nor broadcast rank 0's weights (tensor-parallel ranks hold different shards).
+
+Training checkpoints (for exact resume) stay one file that Lightning, NeMo's exp_manager and its checkpoint
+callback handle as usual: rank 0 gathers each model-parallel rank's weights and optimizer state (from data-parallel
+rank 0 only: the replicas are identical) and each rank's own resume state (RNG, sampler), and writes atomically.
+Such a checkpoint resumes at the same TP/PP/DP layout; the .nemo (nemo_jstip/checkpoint.py) is the format that
+changes layout.
 """
 
 from __future__ import annotations
@@ -61,4 +67,35 @@ class MegatronStrategy(DDPStrategy):
         """Reduce over the data-parallel group by default (model-parallel ranks hold the same metrics)."""
         return super().reduce(tensor, group=group or ps.get_data_parallel_group(), reduce_op=reduce_op)
 
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        mine = {"jstip": checkpoint.pop("jstip", None)}
+        if ps.get_data_parallel_rank() == 0:
+            mine |= {k: checkpoint.pop(k) for k in _SHARDED if k in checkpoint}
+        ranks = [None] * torch.distributed.get_world_size() if self.is_global_zero else None
+        torch.distributed.gather_object(mine, ranks, dst=0)
+        checkpoint["ranks"], checkpoint["layout"] = ranks, _layout()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path) -> dict:
+        checkpoint = super().load_checkpoint(checkpoint_path)
+        if "ranks" not in checkpoint:
+            return checkpoint
+        if checkpoint["layout"] != _layout():
+            raise ValueError(
+                f"{checkpoint_path} was saved at {checkpoint['layout']} and resumes only at that layout (now "
+                f"{_layout()}); to change layout, save a .nemo and start from it (model.init_from_nemo)"
+            )
+        ranks = checkpoint.pop("ranks")
+        checkpoint |= ranks[ps.get_data_parallel_src_rank()]  # this replica's model-parallel shard
+        checkpoint["jstip"] = ranks[torch.distributed.get_rank()]["jstip"]
+        return checkpoint
+
     # No teardown of Megatron's groups: the model stays usable after fit (save_to, test, generate).
+
+
+_SHARDED = ("state_dict", "optimizer_states")  # differ between model-parallel ranks
+
+
+def _layout() -> dict[str, int]:
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
