@@ -18,7 +18,7 @@ demo: env
 	$(PY) -m nemo_jstip.prep.corpus out_dir=$(CORPUS_DIR)
 	$(PY) -m nemo_jstip.prep.tokenizer corpus_dir=$(CORPUS_DIR)
 	@if [ -f $(DEMO_MODEL) ]; then echo "reusing $(DEMO_MODEL) (delete it to retrain)"; else \
-	  $(PY) examples/jstip_train.py corpus_dir=$(CORPUS_DIR) exp_manager.exp_dir=$(DEMO_DIR) model_out=$(DEMO_DIR)/partial.nemo \
+	  $(PY) examples/jstip_train.py data.corpus_dir=$(CORPUS_DIR) exp_manager.exp_dir=$(DEMO_DIR) model_out=$(DEMO_DIR)/partial.nemo \
 	  && mv $(DEMO_DIR)/partial.nemo $(DEMO_MODEL); fi
 	$(PY) examples/jstip_eval.py model=$(DEMO_MODEL) 'data.manifest=$(DEMO_TEST)' output_dir=$(DEMO_DIR)/eval name=jstip_tiny
 

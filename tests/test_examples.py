@@ -25,7 +25,7 @@ def run(args, cwd):
 def test_train_save_evaluate(tiny_corpus, tmp_path):
     make_tokenizer([f"corpus_dir={tiny_corpus}", "vocab_size=300"])
     nemo = tmp_path / "tiny.nemo"
-    run([str(ROOT / "examples/jstip_train.py"), f"corpus_dir={tiny_corpus}", f"exp_manager.exp_dir={tmp_path}",
+    run([str(ROOT / "examples/jstip_train.py"), f"data.corpus_dir={tiny_corpus}", f"exp_manager.exp_dir={tmp_path}",
          f"model_out={nemo}", "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
          "model.train_ds.loader.num_workers=0", "model.train_ds.sampler.max_tokens=1024", *TINY], tmp_path)
     assert nemo.exists()

@@ -8,7 +8,7 @@ register two types, so NeMo's ``read_cutset_from_config`` (and any NeMo recipe) 
   resolve against the manifest, as with NeMo's ``lhotse`` type.
 * ``jstip_text``: ``{type: jstip_text, paths: PATH | [PATH, ...]}``, domain text, one sentence per line, as NeMo
   ``TextExample`` items tagged ``text``; blank lines are skipped; finite (the sampler repeats it); not tarred,
-  so it mixes with ``jstip_cuts`` in a NeMo ``input_cfg``.
+  so it mixes with ``jstip_cuts`` in a NeMo ``input_cfg``. A missing or empty file is an error when it is read.
 
 NeMo's loader has no hook for a custom sampler class (docs/data.md), so ``build_dataloader`` reads each
 ``input_cfg`` entry with NeMo's own ``read_cutset_from_config`` (any registered type works: ``jstip_cuts``,
@@ -24,6 +24,7 @@ a *different* package owning one of our names is an error). Importing this modul
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any, Iterator
 
@@ -73,7 +74,18 @@ class TextLines:
     """Re-iterable ``TextExample`` items of text files (stripped, blank lines skipped), tagged ``text``."""
 
     def __init__(self, paths, language: str | None = None):
+        """``paths``: a file, a list of files or a sharded pattern (``text_{0..7}.txt``). Every file must exist and
+        hold at least one non-blank line, checked here (when the loader is built), not deep inside the sampler."""
+        paths = OmegaConf.to_container(paths) if OmegaConf.is_config(paths) else paths
+        if not paths or not isinstance(paths, (str, list)):
+            raise ValueError(f"jstip_text needs paths: a text file or a list of them, got {paths!r}")
         self.paths, self.language = expand_sharded_filepaths(paths), language
+        for path in self.paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"jstip_text: no such file {path!r} (domain text, one sentence per line)")
+            with open(path, encoding="utf-8") as f:
+                if not any(line.strip() for line in f):
+                    raise ValueError(f"jstip_text: {path!r} is empty (domain text, one sentence per line)")
 
     def __iter__(self) -> Iterator[TextExample]:
         for path in self.paths:

@@ -98,3 +98,21 @@ def test_build_dataloader_reads_nemo_types_and_rejects_bad_keys(tiny_corpus, jst
                        ({"input_cfg": [{"type": "lhotse", "cuts_path": "x"}]}, "kind must be one of")]:
         with pytest.raises(ValueError, match=match):
             nemo_types.build_dataloader(OmegaConf.merge(cfg, bad), jstip_tokenizer, FrameSpec())
+
+
+def test_jstip_text_takes_a_file_or_a_list_and_names_missing_or_empty_files(tmp_path):
+    a, b, blank = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "blank.txt"
+    a.write_text("first sentence\n\n  second sentence  \n")
+    b.write_text("third\n")
+    blank.write_text("\n  \n")
+
+    def read(paths):
+        return [x.text for x in nemo_types.read_jstip_text(OmegaConf.create({"paths": paths}))[0]]
+
+    assert read(str(a)) == ["first sentence", "second sentence"]
+    assert read([str(a), str(b)]) == ["first sentence", "second sentence", "third"]
+    for paths, error, match in [(str(tmp_path / "nope.txt"), FileNotFoundError, "no such file .*nope.txt"),
+                                ([str(a), str(blank)], ValueError, "blank.txt' is empty"),
+                                (None, ValueError, "needs paths"), ([], ValueError, "needs paths")]:
+        with pytest.raises(error, match=match):
+            nemo_types.read_jstip_text(OmegaConf.create({"paths": paths}))
