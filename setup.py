@@ -19,6 +19,7 @@ setup(
         "num2words>=0.5.13",
         "pocketsphinx>=5.0.4,<5.1",  # forced alignment of unaligned corpora (prep/align.py); 5.0.4 has wheels
         "peft",  # NeMo's speechlm2 imports it; we use it for LoRA
+        "matplotlib>=3.8",  # evaluation plots (nemo_jstip.plots); TensorBoard event reading comes with NeMo/Lightning
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],

@@ -65,18 +65,31 @@ def accuracy_by(mentions: list[dict], key: str) -> dict:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def qa_correct(hypothesis: str, answers: list[str]) -> bool:
-    return any(contains(hypothesis, a) for a in answers)
+def qa_correct(hypothesis: str | None, answers: list[str]) -> bool:
+    return hypothesis is not None and any(contains(hypothesis, a) for a in answers)
+
+
+def qa_summary(rows: list[dict]) -> dict:
+    """Zero-shot spoken QA over the rows with ``answers``: ``answer`` came from the spoken question, ``answer_text``
+    from the same question as text (the upper bound); an accuracy is None when nothing was asked that way."""
+    qa = [r for r in rows if r.get("answers")]
+
+    def acc(key):
+        asked = [r for r in qa if r.get(key) is not None]
+        return sum(qa_correct(r[key], r["answers"]) for r in asked) / len(asked) if asked else None
+
+    return {"num_qa": len(qa), "qa_accuracy": acc("answer"), "qa_text_accuracy": acc("answer_text")}
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The metrics of a decoded manifest: overall, per domain, per entity type (what metrics.json holds)."""
+    """The metrics of a decoded manifest: overall, per domain, per entity type, spoken QA (what metrics.json holds)."""
     mentions = entity_mentions(rows)
     out = {"num_utterances": len(rows), **wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])}
     out["entity_accuracy"] = sum(m["correct"] for m in mentions) / len(mentions) if mentions else None
     out["entity_mentions"] = len(mentions)
     out["entity_accuracy_by_type"] = accuracy_by(mentions, "type")
     out["entity_accuracy_by_seen_in_text"] = accuracy_by([m for m in mentions if m["seen_in_text"] is not None], "seen_in_text")
+    out.update(qa_summary(rows))
     domains = sorted({r["domain"] for r in rows if r.get("domain")})
     out["domains"] = {}
     for d in domains:

@@ -27,15 +27,23 @@ def test_train_save_evaluate(tiny_corpus, tmp_path):
     nemo = tmp_path / "tiny.nemo"
     run([str(ROOT / "examples/jstip_train.py"), f"data.corpus_dir={tiny_corpus}", f"exp_manager.exp_dir={tmp_path}",
          f"model_out={nemo}", "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-         "model.train_ds.loader.num_workers=0", "model.train_ds.sampler.max_tokens=1024", *TINY], tmp_path)
+         "model.train_ds.loader.num_workers=0", "model.train_ds.sampler.max_tokens=1024", "trainer.log_every_n_steps=1",
+         *TINY], tmp_path)
     assert nemo.exists()
-    manifest = tiny_corpus / "medical_test_cuts.jsonl"
-    out = run([str(ROOT / "examples/jstip_eval.py"), f"model={nemo}", f"data.manifest={manifest}",
-               f"output_dir={tmp_path / 'eval'}", "max_new_tokens=4"], tmp_path)
-    assert "| medical |" in out
+    manifests = [tiny_corpus / "medical_test_cuts.jsonl", tiny_corpus / "qa_test_cuts.jsonl"]
+    out = run([str(ROOT / "examples/jstip_eval.py"), f"model={nemo}", f"data.manifest=[{','.join(map(str, manifests))}]",
+               f"output_dir={tmp_path / 'eval'}", "max_new_tokens=4", "qa.max_new_tokens=4", f"log_dir={tmp_path}"],
+              tmp_path)
+    assert "| medical |" in out and "## Zero-shot spoken QA" in out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"wer", "entity_accuracy", "num_utterances"} <= set(metrics) and "medical" in metrics["domains"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "hypotheses.jsonl").read_text().splitlines()]
-    assert sorted(r["cut_id"] for r in rows) == sorted(CutSet.from_file(manifest).ids)
+    assert sorted(r["cut_id"] for r in rows) == sorted(i for m in manifests for i in CutSet.from_file(m).ids)
     assert all({"cut_id", "reference", "hypothesis"} <= set(r) for r in rows)
     assert metrics["num_utterances"] == len(rows)
+    qa = [r for r in rows if r["domain"] == "qa"]
+    assert metrics["num_qa"] == len(qa) == len(CutSet.from_file(manifests[1]))
+    assert all({"question", "answers", "answer", "answer_text"} <= set(r) for r in qa)
+    assert 0 <= metrics["qa_accuracy"] <= 1 and 0 <= metrics["qa_text_accuracy"] <= 1
+    for png in ("entity_accuracy.png", "loss.png", "qa_accuracy.png"):
+        assert (tmp_path / "eval" / png).stat().st_size > 0 and f"({png})" in out

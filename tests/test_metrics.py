@@ -34,3 +34,21 @@ def test_summary_per_domain_type_and_qa():
     assert s["domains"]["medical"]["entity_accuracy"] == 1.0 and s["domains"]["general"]["entity_accuracy"] is None
     assert s["domains"]["banking"]["wer"] == pytest.approx(1 / 3)
     assert qa_correct("I think it is Paris.", ["paris"]) and not qa_correct("london", ["paris"])
+
+
+def test_qa_accuracy_speech_and_text_input():
+    qa = {"reference": "what is the capital of france", "domain": "qa", "entities": [], "answers": ["paris"]}
+    rows = [
+        {"cut_id": "q1", "hypothesis": "what is the capital of france", **qa, "answer": "Paris.", "answer_text": "paris"},
+        {"cut_id": "q2", "hypothesis": "what is", **qa, "answers": ["seven", "7"], "answer": "six", "answer_text": "7"},
+        {"cut_id": "q3", "hypothesis": "x", **qa, "answer": "", "answer_text": "it is paris"},
+        {"cut_id": "a", "reference": "hello there", "hypothesis": "hello there", "domain": "general", "entities": []},
+    ]
+    s = summarize(rows)
+    assert s["num_qa"] == 3 and s["num_utterances"] == 4  # QA cuts are transcribed too
+    assert s["qa_accuracy"] == pytest.approx(1 / 3) and s["qa_text_accuracy"] == 1.0
+    assert s["domains"]["qa"]["num_utterances"] == 3
+    none = summarize(rows[3:])
+    assert none["num_qa"] == 0 and none["qa_accuracy"] is None and none["qa_text_accuracy"] is None
+    asked_by_speech_only = summarize([{k: v for k, v in rows[0].items() if k != "answer_text"}])
+    assert asked_by_speech_only["qa_accuracy"] == 1.0 and asked_by_speech_only["qa_text_accuracy"] is None

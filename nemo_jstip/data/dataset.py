@@ -31,7 +31,8 @@ Prompt mode (``prompt=True``, decoding): the same keys except labels / loss_mask
 every row's next token is at position L, with ``attention_mask`` bool [B, L] (True = real token, the Hugging Face
 convention), ``position_ids`` int64 [B, L] (0 at each row's first real token) and ``prompt_lens`` int64 [B]
 (= seq_lens). Speech items become ASR prompts ``BOS [<speech_start>] <audio> x T [<speech_end>]``, text items
-``BOS text``.
+``BOS text``; ``prompt_template`` wraps both in text (``ExampleBuilder.prompt``), and ``prompt_text_input`` feeds a
+cut's transcript as text instead of its audio (no audio is loaded; the text-input upper bound of spoken QA).
 
 ``L`` is a multiple of ``pad_to_multiple``: ``TP * CP * 2`` with sequence or context parallelism (Megatron splits
 the sequence into 2*CP chunks over TP ranks), 16 for FP8 GEMMs, 1 otherwise. A batch whose items were all dropped
@@ -104,10 +105,14 @@ class DatasetConfig:
     pad_to_multiple: int = 1  # TP*CP*2 with SP/CP, 16 for FP8, else 1
     load_audio: bool = True  # False: layout only (``audio`` None, audio files not checked), for tools and benchmarks
     prompt: bool = False  # decoding prompts, left-padded, no labels
+    prompt_template: str = "{input}"  # prompt mode: text around the input, e.g. "Question: {input}\nAnswer:"
+    prompt_text_input: bool = False  # prompt mode: a cut's transcript as text tokens instead of its audio
 
     def __post_init__(self):
         if int(self.pad_to_multiple) < 1:
             raise ValueError(f"pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
+        if self.prompt_template.count("{input}") != 1:
+            raise ValueError(f"prompt_template needs one {{input}}, got {self.prompt_template!r}")
 
 
 def kind_of(item) -> str:
@@ -138,11 +143,12 @@ class CostFn:
       The sampler batches an item in the epoch it costed it in, and ``MixedBatch.epoch`` tells the dataset.
 
     Either way a bad item's fallback never exceeds its cost, and the dataset checks every example against its cost
-    (``cost_over_budget``). Tokenises one string (or an item's spans) per item; picklable.
+    (``cost_over_budget``). With ``prompt`` (a prompt-mode ``DatasetConfig``) the cost is the prompt's exact length,
+    whose template may outgrow the ASR bound. Tokenises one string (or an item's spans) per item; picklable.
     """
 
-    def __init__(self, builder: ExampleBuilder, exact: bool = False):
-        self.builder, self.exact = builder, exact
+    def __init__(self, builder: ExampleBuilder, exact: bool = False, prompt: DatasetConfig | None = None):
+        self.builder, self.exact, self.prompt = builder, exact, prompt
         self.sampler = None
 
     def follow(self, sampler) -> "CostFn":
@@ -155,6 +161,13 @@ class CostFn:
 
     def __call__(self, item) -> int:
         kind = kind_of(item)
+        if self.prompt is not None:
+            text = " ".join(item.text.split()) if kind == "text" else _transcript(item)
+            try:
+                return self.builder.prompt(item if kind != "text" and not self.prompt.prompt_text_input else text,
+                                           self.prompt.prompt_template).cost
+            except ValueError:  # AlignmentError, empty text: the dataset drops it; fall through to a cost anyway
+                pass
         if kind == "text":
             return example_cost(0, self.num_tokens(" ".join(item.text.split())), 0, self.builder.cfg.markers)
         if kind == "interleaved" and self.exact:
@@ -165,10 +178,10 @@ class CostFn:
         return self.builder.asr_cost(item.duration, self.num_tokens(_transcript(item)))
 
 
-def make_cost_fn(builder: ExampleBuilder, exact: bool = False) -> CostFn:
+def make_cost_fn(builder: ExampleBuilder, exact: bool = False, prompt: DatasetConfig | None = None) -> CostFn:
     """``cost_fn`` for ``build_sampler`` / ``InterleavingSampler``; see ``CostFn``. With ``exact=True`` call
     ``cost_fn.follow(sampler)`` right after building the sampler."""
-    return CostFn(builder, exact)
+    return CostFn(builder, exact, prompt if prompt is not None and prompt.prompt else None)
 
 
 class _Row(NamedTuple):
@@ -218,22 +231,31 @@ class JSTIPDataset(torch.utils.data.Dataset):
         row = self._row(item, self.epoch if epoch is None else epoch, Counter())
         return None if row is None else row.example
 
+    def _text_row(self, item, text: str, id: str, problems: Counter, entities=(), domain=None) -> _Row | None:
+        """A text line, or a cut's transcript standing in for its audio (``prompt_text_input``)."""
+        if not text:
+            return self._bad("empty_transcript", id, "empty transcript" if isinstance(item, Cut) else "empty text line",
+                             problems)
+        try:
+            b, cfg = self.builder, self.cfg
+            ex = b.prompt(text, cfg.prompt_template, id) if cfg.prompt else b.text(text, id)
+        except ValueError:
+            return self._bad("unencodable_text", id, f"text {text[:40]!r} encodes to no tokens", problems)
+        if why := self._unencodable(ex):
+            return self._bad("unencodable_text", id, f"text {text[:40]!r}: {why}", problems)
+        return self._check_cost(item, _Row(ex, None, text, list(entities), domain), problems)
+
     def _row(self, item, epoch: int, problems: Counter) -> _Row | None:
         kind, prompt, b = kind_of(item), self.cfg.prompt, self.builder
         if kind == "text":
             text = " ".join(str(item.text).split())
             id = getattr(item, "id", None) or f"text:{text[:30]}"  # a NeMo TextExample has no id
-            if not text:
-                return self._bad("empty_transcript", id, "empty text line", problems)
-            try:
-                ex = b.text(text, id, prompt_only=prompt)
-            except ValueError:
-                return self._bad("unencodable_text", id, f"text {text[:40]!r} encodes to no tokens", problems)
-            if why := self._unencodable(ex):
-                return self._bad("unencodable_text", id, f"text {text[:40]!r}: {why}", problems)
-            return self._check_cost(item, _Row(ex, None, text, [], None), problems)
+            return self._text_row(item, text, id, problems)
 
         cut, text = item, _transcript(item)
+        sup = (cut.supervisions[0].custom or {}) if cut.supervisions else {}
+        if prompt and self.cfg.prompt_text_input:
+            return self._text_row(cut, text, cut.id, problems, sup.get("entities") or [], sup.get("domain"))
         if not text and not prompt:
             return self._bad("empty_transcript", cut.id, "empty transcript", problems)
         if self.spec.num_frames(self.spec.num_samples(cut.duration)) == 0:
@@ -245,7 +267,7 @@ class JSTIPDataset(torch.utils.data.Dataset):
             cut = cut.resample(self.spec.sample_rate)
         ex = None
         if prompt:
-            ex = b.asr(cut, prompt_only=True)
+            ex = b.prompt(cut, self.cfg.prompt_template)
         elif kind == "interleaved":
             try:
                 ex = b.interleaved(cut, epoch)
@@ -256,7 +278,6 @@ class JSTIPDataset(torch.utils.data.Dataset):
         ex = ex or b.asr(cut)
         if not prompt and (why := self._unencodable(ex)):
             return self._bad("unencodable_text", cut.id, f"transcript {text[:40]!r}: {why}", problems)
-        sup = (cut.supervisions[0].custom or {}) if cut.supervisions else {}
         return self._check_cost(item, _Row(ex, cut, text, list(sup.get("entities") or []), sup.get("domain")),
                                 problems)
 

@@ -8,8 +8,9 @@ placeholder positions and applies a masked cross-entropy. Layouts (``[...]`` onl
     text         BOS text EOS
 
 Prompts for decoding (``prompt_only=True``) stop where the model starts generating: the ASR prompt is
-``BOS [<speech_start>] <audio> x T [<speech_end>]`` (a spoken question uses the same), the text prompt ``BOS text``;
-they have no targets.
+``BOS [<speech_start>] <audio> x T [<speech_end>]``, the text prompt ``BOS text``; they have no targets.
+``ExampleBuilder.prompt`` wraps either input in a text template (``"Question: {input}\nAnswer:"`` for spoken QA);
+the plain template ``"{input}"`` gives exactly those two prompts.
 
 Shift convention: ``labels[t]`` is the target predicted at position t, i.e. ``input_ids[t + 1]`` when that
 token is a loss target, else -100 (the last position never has a target). Targets are text tokens only (and
@@ -157,6 +158,27 @@ class ExampleBuilder:
             raise ValueError(f"text example {id!r} is empty")
         piece, spans = _Piece(tokens, None, not prompt_only, True), [Span(TEXT, 0, len(text.split()))]
         return self._finish(id, "text", [piece], spans, eos_target=not prompt_only, eos=not prompt_only)
+
+    def prompt(self, source: Cut | str, template: str = "{input}", id: str = "") -> Example:
+        """A decoding prompt ``BOS template`` whose ``{input}`` is a cut's speech or a text, so that one prompt
+        serves a spoken input and, with its transcript as ``source``, the text-input upper bound.
+
+        A text input is tokenised inside the filled template (as the LLM reads text); around speech the template
+        text is tokenised on each side, the whitespace before ``{input}`` dropped (with space-prefix BPE the space
+        belongs to the first word, which the speech replaces). Template text belongs to no span, like the markers.
+        """
+        before, sep, after = template.partition("{input}")
+        if not sep or "{input}" in after:
+            raise ValueError(f"prompt template needs one {{input}}, got {template!r}")
+        if isinstance(source, str):
+            return self.text(before + source.strip() + after, id, prompt_only=True)
+        plain = self.asr(source, prompt_only=True)
+        if template == "{input}":
+            return plain
+        ends = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (before.rstrip(), after)]
+        pieces = [*([_Piece(ends[0])] if ends[0] else []), *self._speech(plain.spans[0]),
+                  *([_Piece(ends[1])] if ends[1] else [])]
+        return self._finish(source.id, "asr", pieces, plain.spans, eos_target=False, eos=False)
 
     def _speech(self, span: Span) -> list[_Piece]:
         f0, f1 = span.frames

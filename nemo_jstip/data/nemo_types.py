@@ -179,7 +179,7 @@ def build_dataloader(
         raise ValueError(f"unknown data config keys {sorted(unknown)}")
     builder = ExampleBuilder(tokenizer, spec, InterleaveConfig(**(cfg.get("interleave") or {})))
     dataset = JSTIPDataset(builder, DatasetConfig(**(cfg.get("dataset") or {})))
-    cost_fn = make_cost_fn(builder, exact=cfg.get("exact_cost", True))
+    cost_fn = make_cost_fn(builder, exact=cfg.get("exact_cost", True), prompt=dataset.cfg)
     sampler = InterleavingSampler(streams_from_input_cfg(cfg["input_cfg"]), cost_fn, dp_rank=dp_rank,
                                   dp_world_size=dp_world_size, **(cfg.get("sampler") or {}))
     cost_fn.follow(sampler)
