@@ -101,6 +101,7 @@ class JSTIPModel(ModelPT):
         self.llm_cfg = LLMConfig(**llm)
         self.frame_spec = FrameSpec.from_config(self.cfg.perception)
         self._ddp = None
+        self._resume_rng = None
         self._save_restore_connector = JSTIPSaveRestoreConnector()
         self.init_from_nemo = self.cfg.get("init_from_nemo")  # weights to start from (e.g. a fine-tuning stage)
         if trainer is None:
@@ -220,6 +221,8 @@ class JSTIPModel(ModelPT):
         return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def training_step(self, dataloader_iter):
+        if self._resume_rng is not None:
+            self._restore_rng()
         raw = self._microbatches(dataloader_iter)
         if not raw:
             return None
@@ -322,12 +325,22 @@ class JSTIPModel(ModelPT):
         state = checkpoint.get("jstip")
         if state is None:
             return
-        torch.set_rng_state(state["rng"]["torch"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
         if state["sampler"] is not None:
             self._train_dl.sampler.load_state_dict(state["sampler"])
+        # Lightning saves mid-batch, before counting the batch for its logging step: resumed logs would run one
+        # step behind. One optimizer step per batch here, so the count is the global step.
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+        if loop is not None:
+            loop["_batches_that_stepped"] = checkpoint["global_step"]
+        # applied at the next training step: creating the DataLoader iterator (after this hook) draws from the RNG
+        self._resume_rng = state["rng"]
+
+    def _restore_rng(self) -> None:
+        rng, self._resume_rng = self._resume_rng, None
+        torch.set_rng_state(rng["torch"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
 
     @classmethod
     def list_available_models(cls):

@@ -1,0 +1,68 @@
+"""Exact resume: a training run SIGKILLed while it writes a checkpoint, started again with the same command,
+continues the uninterrupted run's loss curve exactly (weights, optimizer, LR schedule, RNG and sampler restored, the
+half-written checkpoint ignored)."""
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nemo_jstip.prep.tokenizer import main as make_tokenizer
+from tests.test_examples import ROOT, TINY
+
+# Runs examples/jstip_train.py, SIGKILLing itself inside the step-6 checkpoint save (after the unfinished
+# marker is placed, before the file exists): what a preemption during a save looks like.
+KILL_IN_STEP6_SAVE = """
+import os, runpy, signal, sys, torch
+saves, real_save = [], torch.save
+def save(obj, *args, **kwargs):
+    if isinstance(obj, dict) and "ranks" in obj:
+        saves.append(1)
+        if len(saves) == 3:  # step 3 wrote two files (periodic, last); die in the step-6 one
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, *args, **kwargs)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _train(corpus, exp_dir, *, kill_in_step6_save=False):
+    args = [str(ROOT / "examples/jstip_train.py"), f"data.corpus_dir={corpus}", f"exp_manager.exp_dir={exp_dir}",
+            "model_out=null", "trainer.max_steps=7", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
+            "exp_manager.checkpoint_callback_params.every_n_train_steps=3", "model.train_ds.loader.num_workers=1",
+            "model.train_ds.sampler.max_tokens=1024", *TINY]
+    cmd = [sys.executable, "-c", KILL_IN_STEP6_SAVE, *args] if kill_in_step6_save else [sys.executable, *args]
+    return subprocess.run(cmd, cwd=exp_dir.parent, capture_output=True, text=True, timeout=600)
+
+
+def _losses(exp_dir) -> list[dict[int, float]]:
+    """train_loss by step, one dict per run (TensorBoard event file), oldest first."""
+    runs = []
+    for f in sorted(Path(exp_dir).rglob("events.out.tfevents*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        runs.append({e.step: e.value for e in acc.Scalars("train_loss")} if "train_loss" in acc.Tags()["scalars"] else {})
+    return runs
+
+
+def test_sigkill_during_save_then_resume_continues_exactly(tiny_corpus, tmp_path):
+    make_tokenizer([f"corpus_dir={tiny_corpus}", "vocab_size=300"])
+    ref = _train(tiny_corpus, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    (reference,) = _losses(tmp_path / "ref")
+    assert sorted(reference) == list(range(7))
+
+    killed = _train(tiny_corpus, tmp_path / "run", kill_in_step6_save=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    ckpts = tmp_path / "run" / "jstip_tiny" / "checkpoints"
+    step6 = list(ckpts.glob("*step=6*.ckpt"))  # the save that was killed: absent, or flagged unfinished
+    assert all(Path(f"{c}-unfinished").exists() or not c.is_file() for c in step6), step6
+
+    resumed = _train(tiny_corpus, tmp_path / "run")  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    _, second = _losses(tmp_path / "run")  # the killed run's own log is cut short (TensorBoard flushes lazily)
+    assert sorted(second) == [3, 4, 5, 6]  # continued from the step-3 checkpoint, not from scratch, not from step 6
+    for step, loss in second.items():
+        assert loss == reference[step], (step, loss, reference[step])
