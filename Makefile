@@ -11,16 +11,15 @@ SYS_PKGS := espeak-ng
 
 DEMO_DIR   ?= nemo_experiments/demo
 DEMO_MODEL := $(DEMO_DIR)/jstip_tiny.nemo
-DEMO_TEST  := [$(CORPUS_DIR)/general_test_cuts.jsonl,$(CORPUS_DIR)/medical_test_cuts.jsonl,$(CORPUS_DIR)/banking_test_cuts.jsonl]
+DEMO_TEST  := [$(CORPUS_DIR)/general_test_cuts.jsonl,$(CORPUS_DIR)/medical_test_cuts.jsonl,$(CORPUS_DIR)/banking_test_cuts.jsonl,$(CORPUS_DIR)/qa_test_cuts.jsonl]
 
 # corpus (reused when complete) -> tokenizer -> tiny JSTIP model (trained once) -> evaluation table
 demo: env
 	$(PY) -m nemo_jstip.prep.corpus out_dir=$(CORPUS_DIR)
 	$(PY) -m nemo_jstip.prep.tokenizer corpus_dir=$(CORPUS_DIR)
-	@if [ -f $(DEMO_MODEL) ]; then echo "reusing $(DEMO_MODEL) (delete it to retrain)"; else \
-	  $(PY) examples/jstip_train.py data.corpus_dir=$(CORPUS_DIR) exp_manager.exp_dir=$(DEMO_DIR) model_out=$(DEMO_DIR)/partial.nemo \
-	  && mv $(DEMO_DIR)/partial.nemo $(DEMO_MODEL); fi
-	$(PY) examples/jstip_eval.py model=$(DEMO_MODEL) 'data.manifest=$(DEMO_TEST)' output_dir=$(DEMO_DIR)/eval name=jstip_tiny
+	@if [ -f $(DEMO_MODEL) ]; then echo "reusing $(DEMO_MODEL) (delete $(DEMO_DIR) to retrain)"; else \
+	  $(PY) examples/jstip_train.py data.corpus_dir=$(CORPUS_DIR) exp_manager.exp_dir=$(DEMO_DIR) model_out=$(DEMO_MODEL); fi
+	$(PY) examples/jstip_eval.py model=$(DEMO_MODEL) 'data.manifest=$(DEMO_TEST)' output_dir=$(DEMO_DIR)/eval name=jstip_tiny log_dir=$(DEMO_DIR)/jstip_tiny
 
 test: env
 	$(PY) -m pytest -q tests

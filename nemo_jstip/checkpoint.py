@@ -176,8 +176,8 @@ class JSTIPSaveRestoreConnector(SaveRestoreConnector):
             if return_config:
                 return conf
             _check_target(conf, calling_cls)
-            with open_dict(conf):
-                conf.pop("init_from_nemo", None)  # the weights are this file's
+            with open_dict(conf):  # the weights are this file's: no pretrained parts to fetch
+                conf.init_from_nemo = conf.llm.init_from_hf = conf.perception.init_from_nemo = None
             vet_weights(Path(tmp) / WEIGHTS)
             calling_cls._set_model_restore_state(is_being_restored=True, folder=tmp)
             try:

@@ -17,7 +17,7 @@ from nemo_jstip.prep.tokenizer import corpus_texts, train_tokenizer
 
 CONF = Path(__file__).parents[1] / "conf"
 GPU = ["pretrained.asr_nemo=/models/asr.nemo", "pretrained.hf_llm=/models/Llama-3.2-1B"]
-FINETUNE = ["init_from_nemo_model=/models/stage1.nemo"]
+FINETUNE = ["model.init_from_nemo=/models/stage1.nemo"]
 RECIPES = {"jstip_tiny": [], "jstip_tiny_asr_finetune": FINETUNE, "jstip_gpu_1b": GPU}  # conf/*.yaml but eval
 TRAIN = "{c}/general_train_cuts.jsonl"  # sources, {c} = data.corpus_dir
 TEXT = ["{c}/medical_text.txt", "{c}/banking_text.txt"]
@@ -95,11 +95,11 @@ def test_default_mixture_and_domain_text_override(tmp_path):
 def test_finetune_recipe():
     cfg, base = recipe("jstip_tiny_asr_finetune"), recipe("jstip_tiny")
     assert streams(cfg) == streams(recipe("jstip_tiny", "mixture=asr_only"))
-    assert cfg.init_from_nemo_model == "/models/stage1.nemo" and cfg.name == "jstip_tiny_asr_finetune"
+    assert cfg.model.init_from_nemo == "/models/stage1.nemo" and cfg.name == "jstip_tiny_asr_finetune"
     assert cfg.model.optim.lr < base.model.optim.lr
     for key in ("tokenizer", "perception", "llm", "interleave"):  # the stage-1 model's sections
         assert cfg.model[key] == base.model[key]
-    assert "full_key: init_from_nemo_model" in mandatory("jstip_tiny_asr_finetune")
+    assert "full_key: model.init_from_nemo" in mandatory("jstip_tiny_asr_finetune")
 
 
 def test_gpu_recipe():

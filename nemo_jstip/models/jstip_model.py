@@ -97,6 +97,7 @@ class JSTIPModel(ModelPT):
         self.interleave_cfg = InterleaveConfig(**OmegaConf.to_container(self.cfg.get("interleave") or OmegaConf.create()))
         add_special_tokens(self.tokenizer, self.interleave_cfg)
         llm = OmegaConf.to_container(self.cfg.llm, resolve=True)
+        self.init_from_hf = llm.pop("init_from_hf", None)  # a local HF folder (safetensors) with the LLM's weights
         llm["vocab_size"] = max(llm.get("vocab_size") or 0, len(self.tokenizer))
         self.llm_cfg = LLMConfig(**llm)
         self.frame_spec = FrameSpec.from_config(self.cfg.perception)
@@ -128,6 +129,18 @@ class JSTIPModel(ModelPT):
         perception = SpeechPerception(self.cfg.perception) if first else None
         gpt = build_llm(self.llm_cfg, config=self._transformer_config())
         self.stage = JSTIPStage(perception, gpt, self.llm_cfg.vocab_size)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Pretrained parts from the config: the LLM from HF weights, the encoder from a NeMo ASR .nemo, then
+        (overriding both) a whole JSTIP .nemo, e.g. for a fine-tuning stage (restore_from clears all three)."""
+        if self.init_from_hf:
+            from nemo_jstip.modules.hf_import import load_hf_weights, read_hf_weights
+
+            load_hf_weights(self.stage.gpt, read_hf_weights(self.init_from_hf), self.llm_cfg)
+        asr_nemo = self.cfg.perception.get("init_from_nemo")
+        if asr_nemo and self.stage.perception is not None:
+            self.stage.perception.load_encoder_from_nemo(asr_nemo)
         if self.init_from_nemo:
             load_nemo_weights(self, self.init_from_nemo)
 

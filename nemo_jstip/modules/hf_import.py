@@ -84,6 +84,21 @@ def llm_config_from_hf(hf_config, **overrides) -> LLMConfig:
     return LLMConfig(**{**fields, **overrides})
 
 
+def read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
+    """A local HF model folder's weights, from its ``*.safetensors`` files only (no pickles: safe to read)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (save the HF model with safe_serialization)")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
 def _hf_state(hf) -> Mapping[str, torch.Tensor]:
     return hf.state_dict() if isinstance(hf, torch.nn.Module) else hf
 

@@ -118,3 +118,38 @@ def test_malicious_nemo_is_refused(good_nemo, tmp_path, attack):
 def test_good_nemo_restores(good_nemo, tmp_path):
     (error,) = spawn(restore_in_process, 1, good_nemo, str(tmp_path))
     assert error is None
+
+
+def init_from_config(setup_path, nemo_path, hf_dir) -> dict:
+    """Rank body: models whose config names pretrained weights (HF folder; a whole .nemo) start from them."""
+    from omegaconf import OmegaConf
+
+    from nemo_jstip.models.jstip_model import JSTIPModel
+    from nemo_jstip.parallel.dist import init_parallel
+
+    init_parallel(seed=7)
+    data = torch.load(setup_path, weights_only=False)
+    cfg = OmegaConf.create(data["cfg"])
+    cfg.llm.init_from_hf = hf_dir
+    from_hf = JSTIPModel(cfg)
+    cfg.llm.init_from_hf, cfg.init_from_nemo = None, nemo_path
+    from_nemo = JSTIPModel(cfg)
+    return {"hf_embedding": from_hf.stage.gpt.embedding.word_embeddings.weight.detach().clone(),
+            "loss": from_nemo.loss(data["batches"])["loss"]}
+
+
+def test_init_from_hf_folder_and_from_nemo(parallel_setup, good_nemo, tmp_path):
+    import transformers as T
+
+    from tests.models.conftest import HF_SIZES
+
+    data = torch.load(parallel_setup, weights_only=False)
+    hf = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=data["hf"]["model.embed_tokens.weight"].shape[0],
+                                          tie_word_embeddings=False, **HF_SIZES))
+    hf.load_state_dict(data["hf"])
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    (out,) = spawn(init_from_config, 1, parallel_setup, str(good_nemo), str(tmp_path / "hf"))
+    vocab = data["hf"]["model.embed_tokens.weight"]
+    torch.testing.assert_close(out["hf_embedding"][: len(vocab)], vocab)
+    (saved,) = spawn(save_or_restore, 1, parallel_setup, str(good_nemo), 1, 1, False)
+    assert out["loss"] == pytest.approx(saved["loss"], abs=1e-6)
