@@ -365,13 +365,14 @@ def _compute_device() -> torch.device:
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global grad-norm clipping across TP shards and PP stages (Megatron's own version needs CUDA)."""
+    """Global grad-norm clipping across TP shards and PP stages (Megatron's own version needs CUDA). Each parameter
+    counts once: TP-replicated ones on TP rank 0 only, a tied output layer (``shared``) on the first stage only."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
     grads = [p.grad for p in params if p.grad is not None]
-    local = sum(
-        (p.grad.float() ** 2).sum() for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)
-    )
+    counted = [p for p in params if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+    local = sum((p.grad.float() ** 2).sum() for p in counted)
     sq = torch.as_tensor(local, dtype=torch.float32, device=grads[0].device if grads else None).reshape(1)
     torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
     norm = math.sqrt(sq.item())

@@ -12,8 +12,9 @@ from nemo_jstip.parallel.dist import spawn
 from tests.models.test_parallel import _build
 
 
-def save_or_restore(setup_path, nemo_path, tp: int, pp: int, save: bool) -> dict:
-    """Rank body: build at (tp, pp) from the shared setup and save, or restore the .nemo at (tp, pp); the loss."""
+def save_or_restore(setup_path, nemo_path, tp: int, pp: int, save: bool, manifest=None) -> dict:
+    """Rank body: build at (tp, pp) from the shared setup and save, or restore the .nemo at (tp, pp); the loss,
+    and with ``manifest`` the greedy transcripts of its cuts (PP=1)."""
     from megatron.core import parallel_state as ps
 
     from nemo_jstip.models.jstip_model import JSTIPModel
@@ -27,17 +28,23 @@ def save_or_restore(setup_path, nemo_path, tp: int, pp: int, save: bool) -> dict
         init_parallel(tp=tp, pp=pp, seed=99)  # different initial weights: the checkpoint must overwrite them all
         batches = torch.load(setup_path, weights_only=False)["batches"]
         model = JSTIPModel.restore_from(nemo_path)
-    return {"loss": model.loss(batches)["loss"], "pp_rank": ps.get_pipeline_model_parallel_rank()}
+    out = {"loss": model.loss(batches)["loss"], "pp_rank": ps.get_pipeline_model_parallel_rank()}
+    if manifest is not None:
+        from nemo_jstip.evaluate import transcribe
+
+        out["hypotheses"] = {r["cut_id"]: r["hypothesis"] for r in transcribe(model, manifest, max_new_tokens=8)[0]}
+    return out
 
 
-def test_nemo_saved_at_tp2_pp2_restores_at_tp1_and_tp2(parallel_setup, tmp_path):
-    nemo = str(tmp_path / "model.nemo")
+def test_nemo_saved_at_tp2_pp2_restores_and_decodes_at_tp1_and_tp2(parallel_setup, tiny_corpus, tmp_path):
+    nemo, manifest = str(tmp_path / "model.nemo"), str(tiny_corpus / "general_dev_cuts.jsonl")
     saved = spawn(save_or_restore, 4, parallel_setup, nemo, 2, 2, True, timeout_s=300)
     assert tarfile.is_tarfile(nemo) and not list(tmp_path.glob(".*"))  # staging and partial files are gone
-    (one,) = spawn(save_or_restore, 1, parallel_setup, nemo, 1, 1, False)
-    two = spawn(save_or_restore, 2, parallel_setup, nemo, 2, 1, False)
+    (one,) = spawn(save_or_restore, 1, parallel_setup, nemo, 1, 1, False, manifest)
+    two = spawn(save_or_restore, 2, parallel_setup, nemo, 2, 1, False, manifest)
     for r in saved + two:
         assert r["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    assert len(one["hypotheses"]) == 4 and all(r["hypotheses"] == one["hypotheses"] for r in two)
 
 
 # ------------------------------------------------------------------ malicious files

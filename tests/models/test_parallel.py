@@ -138,7 +138,7 @@ def reference(parallel_setup):
 def test_model_parallel_matches_one_process(parallel_setup, reference, tp, pp):
     """Same weights and batches: TP/PP/TPxPP (2 microbatches, 1F1B with PP) give the single-process loss
     (training and forward-only, on every rank) and the same gradients of every LLM and perception parameter."""
-    ranks = spawn(run_layout, tp * pp, parallel_setup, tp, pp, timeout_s=60)
+    ranks = spawn(run_layout, tp * pp, parallel_setup, tp, pp, steps=1, timeout_s=60)
     want = reference["train"]
     schedule = "forward_backward_pipelining_without_interleaving" if pp > 1 else "forward_backward_no_pipelining"
     for r in ranks:
@@ -146,6 +146,7 @@ def test_model_parallel_matches_one_process(parallel_setup, reference, tp, pp):
         assert r["train"]["tokens"] == want["tokens"] and r["eval"]["tokens"] == want["tokens"]
         assert r["train"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert r["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=1e-5)
+        assert r["steps"][0][1] == pytest.approx(reference["steps"][0][1], rel=1e-5)  # global grad norm, once each
     assert {r["pp_rank"] for r in ranks if any(k.startswith("perception.") for k in r["grads"])} == {0}
 
     llm_cfg = _llm_cfg(parallel_setup)
