@@ -196,6 +196,8 @@ class JSTIPModel(ModelPT):
 
             return out, loss_func
 
+        # a rank whose batches were all dropped as bad input still joins the collectives, contributing nothing
+        batches = [b for b in batches if b["input_ids"].shape[0] > 0] or [self._idle_batch()]
         model = self.ddp if not forward_only else self.stage
         seq = max(b["input_ids"].shape[1] for b in batches)
         mbs = max(b["input_ids"].shape[0] for b in batches)
@@ -219,6 +221,16 @@ class JSTIPModel(ModelPT):
         torch.distributed.all_reduce(total, group=dp)
         return {"loss": (total[0] / total[1].clamp(min=1)).item(), "tokens": int(total[1].item())}
 
+    def _idle_batch(self) -> dict:
+        """One row of padding with no loss and no audio; its length suits sequence/context-parallel splitting."""
+        c = self.stage.config
+        n = 2 * c.tensor_model_parallel_size * c.context_parallel_size * 8
+        ids = torch.full((1, n), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        none = torch.full_like(ids, -1)
+        batch = {"input_ids": ids, "labels": torch.full_like(ids, -100), "loss_mask": torch.zeros(1, n),
+                 "audio_item": none, "audio_frame": none, "audio": None}
+        return self._to_device(batch)
+
     def _microbatches(self, dataloader_iter) -> list[dict]:
         batches = []
         for _ in range(self.cfg.get("num_microbatches", 1)):
@@ -239,7 +251,7 @@ class JSTIPModel(ModelPT):
         raw = self._microbatches(dataloader_iter)
         if not raw:
             return None
-        batches = [self._to_device(b) for b in raw if b["input_ids"].shape[0] > 0]
+        batches = [self._to_device(b) for b in raw]
         opt = self.optimizers()
         stats = self.optimizer_step(batches, opt, self.cfg.get("max_grad_norm"))
         sched = self.lr_schedulers()
@@ -249,7 +261,8 @@ class JSTIPModel(ModelPT):
         if hasattr(sampler, "mark_consumed"):
             for b in raw:
                 sampler.mark_consumed(b["position"])
-        self.log("train_loss", stats["loss"], prog_bar=True, batch_size=1)
+        if stats["tokens"]:  # else every rank's batches were dropped as bad input (counted by the dataset)
+            self.log("train_loss", stats["loss"], prog_bar=True, batch_size=1)
         self.log("train_tokens", float(stats["tokens"]), batch_size=1)
         if stats["grad_norm"] is not None:
             self.log("grad_norm", stats["grad_norm"], batch_size=1)
@@ -261,7 +274,7 @@ class JSTIPModel(ModelPT):
         clipping, ``optimizer.step()``. Returns loss, tokens and the pre-clip grad norm."""
         self.ddp.zero_grad_buffer()
         optimizer.zero_grad(set_to_none=True)
-        stats = self._forward_backward(batches, forward_only=False) if batches else {"loss": float("nan"), "tokens": 0}
+        stats = self._forward_backward(batches, forward_only=False)
         params = [p for p in self.stage.parameters() if p.requires_grad]
         for p in params:  # Megatron DDP accumulates (and all-reduces) into main_grad
             p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
@@ -287,9 +300,9 @@ class JSTIPModel(ModelPT):
             return self._forward_backward([self._to_device(b) for b in batches], forward_only=True)
 
     def validation_step(self, batch, batch_idx):
-        if batch["input_ids"].shape[0] == 0:
+        stats = self.loss([batch])  # every rank, even with an empty batch: the loss is all-reduced
+        if stats["tokens"] == 0:
             return None
-        stats = self.loss([batch])
         self.log("val_loss", stats["loss"], prog_bar=True, batch_size=max(stats["tokens"], 1))
         return stats["loss"]
 

@@ -54,9 +54,10 @@ def _named(model, value) -> dict:
     return out
 
 
-def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps: int = 0) -> dict:
+def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps: int = 0, only_first: bool = False) -> dict:
     """Rank body: forward-only loss, one forward/backward (loss, main_grad), then ``steps`` AdamW steps as
-    ``JSTIPModel.training_step`` takes them. ``split_batches``: data-parallel rank r trains on batch r only."""
+    ``JSTIPModel.training_step`` takes them. ``split_batches``: data-parallel rank r trains on batch r only.
+    ``only_first``: the first batch only, and on DP ranks > 0 an empty batch (all items dropped as bad input)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -64,6 +65,9 @@ def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps:
     model, batches = _build(setup_path, tp, pp)
     if split_batches:
         batches = batches[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
+    if only_first:
+        empty = {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in batches[0].items()}
+        batches = [batches[0] if ps.get_data_parallel_rank() == 0 else empty]
     out = {
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "pp_rank": ps.get_pipeline_model_parallel_rank(),
@@ -187,3 +191,14 @@ def test_data_parallel_matches_one_process_on_both_batches(parallel_setup, refer
     weight_diff = max((r0["weights"][k] - reference["weights"][k]).abs().max().item() for k in r0["weights"])
     print(f"dp=2: max rel grad diff {grad_diff:.2e} ({gname}); max |w_dp - w_1| after {STEPS} steps {weight_diff:.2e}")
     assert weight_diff < 1e-6
+
+
+def test_data_parallel_rank_with_an_empty_batch(parallel_setup):
+    """A DP rank whose batch lost every item to bad-input handling joins the step with nothing: no hang, and both
+    ranks end where one process training on the other rank's batch alone ends."""
+    r0, r1 = spawn(run_layout, 2, parallel_setup, 1, 1, steps=2, only_first=True, timeout_s=60)
+    (one,) = spawn(run_layout, 1, parallel_setup, 1, 1, steps=2, only_first=True, timeout_s=60)
+    assert r0["train"]["tokens"] == r1["train"]["tokens"] == one["train"]["tokens"] > 0
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+        torch.testing.assert_close(r0["weights"][k], one["weights"][k], atol=1e-6, rtol=1e-5)
