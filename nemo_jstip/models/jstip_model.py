@@ -185,7 +185,7 @@ class JSTIPModel(ModelPT):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def step(data_iter, model):
-            batch = next(data_iter)
+            batch = _on_this_cp_rank(next(data_iter))
             out = model(batch)
 
             def loss_func(loss):
@@ -216,9 +216,8 @@ class JSTIPModel(ModelPT):
         if ps.get_pipeline_model_parallel_world_size() > 1:  # every stage reports the loss
             total = total.to(_compute_device())
             torch.distributed.broadcast(total, ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group())
-        dp = ps.get_data_parallel_group()
-        total = total.to(_compute_device())
-        torch.distributed.all_reduce(total, group=dp)
+        total = total.to(_compute_device())  # the tokens of all data- and context-parallel ranks
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         return {"loss": (total[0] / total[1].clamp(min=1)).item(), "tokens": int(total[1].item())}
 
     def _idle_batch(self) -> dict:
@@ -371,6 +370,25 @@ class JSTIPModel(ModelPT):
     @classmethod
     def list_available_models(cls):
         return []
+
+
+_SEQUENCE_KEYS = ("input_ids", "labels", "loss_mask", "audio_item", "audio_frame", "position_ids")
+
+
+def _on_this_cp_rank(batch: dict) -> dict:
+    """With context parallelism, this rank's two zigzag chunks of every sequence tensor (Megatron's load-balanced
+    split, the one its rotary embedding expects). The splice is per position, so each chunk's placeholders take
+    their frames from the full encoder output: every CP rank encodes the whole audio."""
+    if ps.get_context_parallel_world_size() == 1:
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    seq = {k: batch[k] for k in _SEQUENCE_KEYS if batch.get(k) is not None}
+    L, n = batch["input_ids"].shape[1], 2 * ps.get_context_parallel_world_size()
+    if L % n:
+        raise ValueError(f"sequence length {L} is not a multiple of 2 x CP = {n}: set the dataset's pad_to_multiple")
+    split = get_batch_on_this_cp_rank(seq | {"cu_seqlens": None}, False, ps.get_context_parallel_group())
+    return batch | {k: split[k] for k in seq}
 
 
 def _compute_device() -> torch.device:

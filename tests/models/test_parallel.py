@@ -202,3 +202,32 @@ def test_data_parallel_rank_with_an_empty_batch(parallel_setup):
     for k in r0["weights"]:
         assert torch.equal(r0["weights"][k], r1["weights"][k]), k
         torch.testing.assert_close(r0["weights"][k], one["weights"][k], atol=1e-6, rtol=1e-5)
+
+
+def cp_split(setup_path) -> dict:
+    """Rank body (CP=2): this rank's part of a batch padded to a multiple of 2 x CP."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_jstip.models.jstip_model import _on_this_cp_rank
+    from nemo_jstip.parallel.dist import init_parallel
+
+    init_parallel(cp=2)
+    batch = torch.load(setup_path, weights_only=False)["batches"][0]
+    pad = -batch["input_ids"].shape[1] % 4
+    batch = {k: torch.nn.functional.pad(v, (0, pad), value=-100 if k == "labels" else 0 if k != "audio_item" else -1)
+             if k in ("input_ids", "labels", "loss_mask", "audio_item", "audio_frame") else v for k, v in batch.items()}
+    return {"rank": ps.get_context_parallel_rank(), "full": batch, "part": _on_this_cp_rank(batch)}
+
+
+def test_context_parallel_split_is_megatrons_zigzag(parallel_setup):
+    """CP=2 (gloo): each rank gets sequence chunks (r, 3 - r) of 4 for every sequence tensor, audio untouched, so
+    the per-position splice and the loss see exactly the full batch between them. (The attention itself needs TE:
+    the CP forward runs on GPUs only.)"""
+    r0, r1 = spawn(cp_split, 2, parallel_setup)
+    full = r0["full"]
+    for key in ("input_ids", "labels", "loss_mask", "audio_item", "audio_frame"):
+        chunks = full[key].chunk(4, dim=1)
+        torch.testing.assert_close(r0["part"][key], torch.cat([chunks[0], chunks[3]], 1))
+        torch.testing.assert_close(r1["part"][key], torch.cat([chunks[1], chunks[2]], 1))
+    assert torch.equal(r0["part"]["audio"], full["audio"]) and torch.equal(r1["part"]["audio"], full["audio"])
+    assert r0["part"]["loss_mask"].sum() + r1["part"]["loss_mask"].sum() == full["loss_mask"].sum()
