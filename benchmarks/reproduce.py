@@ -1,0 +1,261 @@
+"""The small-scale reproduction of issue 6: systems x seeds, each trained and evaluated, then mean ± std over seeds.
+
+    nice -n 10 .venv/bin/python benchmarks/reproduce.py [--seeds 3] [--systems asr_only,joint,...] [--steps N]
+        [--out nemo_experiments/repro] [--dev-only] [--tag NAME --set KEY=VALUE ...] [--dry-run]
+
+Systems are the mixtures of conf/mixture/ (ASR-only, joint, JSTIP word / segment / mixed, JSTIP with synthetic TTS
+pairs instead of the domain text), trained with conf/jstip_repro.yaml (a small LLM pretrained here on the corpus
+text, ``nemo_jstip.prep.pretrain_llm``). Each run is ``examples/jstip_train.py`` then ``examples/jstip_eval.py`` on
+the dev sets and on the test sets with spoken QA, as subprocesses, so a crash or a kill loses one run only.
+Resumable: a run whose eval ``metrics.json`` exists is skipped, an existing ``.nemo`` is not retrained, and a killed
+training run continues from its last checkpoint (``exp_manager.resume_if_exists``). The aggregate (Markdown table,
+plots via ``nemo_jstip.plots.compare``) goes between the markers of ``--results`` (docs/results.md, the rest of the
+file is kept) and PNGs under ``--plots`` (docs/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SYSTEMS = ("asr_only", "joint", "jstip_word", "jstip_segment", "jstip_mixed", "jstip_synthetic")
+CORPUS, TTS_CORPUS = "data/demo_corpus", "data/demo_corpus_tts"
+TTS_SIZES = ["sizes.medical_textspeech=1500", "sizes.banking_textspeech=1500"]
+DOMAINS = ("general", "medical", "banking")
+SPLITS = {"dev": [f"{CORPUS}/{d}_dev_cuts.jsonl" for d in DOMAINS],
+          "test": [f"{CORPUS}/{d}_test_cuts.jsonl" for d in DOMAINS] + [f"{CORPUS}/qa_test_cuts.jsonl"]}
+ENV = dict(os.environ)  # the subprocesses' environment (--threads sets OMP_NUM_THREADS)
+BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` -> seeds 1, 2, 3; ``"4,7"`` -> seeds 4 and 7."""
+    return [int(s) for s in text.split(",")] if "," in text else list(range(1, int(text) + 1))
+
+
+def run_name(system: str, seed: int, tag: str = "") -> str:
+    return f"{system}{'_' + tag if tag else ''}_s{seed}"
+
+
+def prep_commands(systems: list[str], llm_dir: str) -> list[tuple[str, list[str]]]:
+    """(what it makes, command) for the shared inputs: the pretrained LLM, the TTS corpus for jstip_synthetic."""
+    cmds = [(f"{llm_dir}/model.safetensors",
+             [PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}", f"out_dir={llm_dir}"])]
+    if "jstip_synthetic" in systems:
+        cmds.append((f"{TTS_CORPUS}/.complete", [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
+    return cmds
+
+
+def run_commands(system: str, seed: int, out: Path, steps: int | None, extra: list[str], tag: str = "",
+                 splits=("dev", "test")) -> dict[str, list[str]]:
+    """``{"train": cmd, "eval_dev": cmd, ...}`` for one run."""
+    name = run_name(system, seed, tag)
+    nemo = out / f"{name}.nemo"
+    train = [PY, "examples/jstip_train.py", "--config-name", "jstip_repro", f"mixture={system}", f"seed={seed}",
+             f"name={name}", f"exp_manager.exp_dir={out}", f"model_out={nemo}"]
+    if system == "jstip_synthetic":
+        train.append(f"data.corpus_dir={TTS_CORPUS}")
+    if steps:
+        train.append(f"trainer.max_steps={steps}")
+    cmds = {"train": train + list(extra)}
+    for split in splits:
+        cmds[f"eval_{split}"] = [PY, "examples/jstip_eval.py", f"model={nemo}", f"data.manifest=[{','.join(SPLITS[split])}]",
+                                 f"output_dir={out / name / f'eval_{split}'}", f"name={name}", f"log_dir={out / name}"]
+    return cmds
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    """Run from the repo root, output to ``log``; returns wall seconds; raises on failure."""
+    t0 = time.time()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV).returncode
+    if rc:
+        raise RuntimeError(f"exit {rc}: {shlex.join(cmd)} (log: {log})")
+    return time.time() - t0
+
+
+def run_one(system: str, seed: int, out: Path, cmds: dict[str, list[str]], tag: str = "") -> dict:
+    """Train (unless the .nemo exists) and evaluate (unless metrics.json exists); times go to ``timing.json``."""
+    name = run_name(system, seed, tag)
+    rdir = out / name
+    timing_path = rdir / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    for step, cmd in cmds.items():
+        done = (out / f"{name}.nemo").exists() if step == "train" else (rdir / step / "metrics.json").exists()
+        if done:
+            continue
+        print(f"[{name}] {step} ...", flush=True)
+        timing[step] = round(timing.get(step, 0.0) + _run(cmd, rdir / f"{step}.log"), 1)  # + time before a kill
+        rdir.mkdir(parents=True, exist_ok=True)
+        timing_path.write_text(json.dumps(timing, indent=1))
+        print(f"[{name}] {step} took {timing[step] / 60:.1f} min", flush=True)
+    return timing
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def mean_metrics(runs: list[dict]) -> dict:
+    """Mean over seeds of every numeric leaf present in all runs (same nesting), for ``nemo_jstip.plots``."""
+    first = runs[0]
+    out = {}
+    for k, v in first.items():
+        vals = [r.get(k) for r in runs]
+        if isinstance(v, dict) and all(isinstance(x, dict) for x in vals):
+            out[k] = mean_metrics(vals)
+        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            out[k] = statistics.fmean(vals)
+        else:
+            out[k] = None if any(x is None for x in vals) else v
+    return out
+
+
+# (column, path into metrics.json); values are shares, shown in percent
+COLUMNS = [("WER", ("wer",)), *[(f"{d} WER", ("domains", d, "wer")) for d in DOMAINS],
+           ("entity acc", ("entity_accuracy",)),
+           *[(f"{d} entity acc", ("domains", d, "entity_accuracy")) for d in DOMAINS[1:]],
+           ("entity acc, seen in text", ("entity_accuracy_by_seen_in_text", "True")),
+           ("entity acc, unseen", ("entity_accuracy_by_seen_in_text", "False")),
+           ("spoken QA", ("qa_accuracy",)), ("QA as text (upper bound)", ("qa_text_accuracy",))]
+
+
+def _get(m: dict, path: tuple) -> float | None:
+    for k in path:
+        m = m.get(k) if isinstance(m, dict) else None
+    return m
+
+
+def mean_std(values: list[float]) -> str:
+    """``"12.3 ± 0.4"`` in percent (sample std; none for one seed)."""
+    if not values:
+        return "-"
+    m = 100 * statistics.fmean(values)
+    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
+
+
+def collect(out: Path, systems: list[str], seeds: list[int], split: str, tag: str = "") -> dict[str, list[dict]]:
+    """``system -> [metrics of each finished seed]`` (systems without any finished seed are left out)."""
+    found = {}
+    for s in systems:
+        ms = [json.loads(p.read_text()) for seed in seeds
+              if (p := out / run_name(s, seed, tag) / f"eval_{split}" / "metrics.json").exists()]
+        if ms:
+            found[s] = ms
+    return found
+
+
+def table(found: dict[str, list[dict]], timings: dict[str, list[float]] | None = None) -> str:
+    """Markdown: one row per system, mean ± std over seeds for each column that any system has."""
+    cols = [(c, p) for c, p in COLUMNS if any(_get(m, p) is not None for ms in found.values() for m in ms)]
+    head = ["system", "seeds", *[f"{c} %" for c, _ in cols]] + (["min / run"] if timings else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s, ms in found.items():
+        cells = [s, str(len(ms))]
+        cells += [mean_std([v for m in ms if (v := _get(m, p)) is not None]) for _, p in cols]
+        if timings:
+            t = timings.get(s) or []
+            cells.append(f"{statistics.fmean(t) / 60:.1f}" if t else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate(out: Path, systems: list[str], seeds: list[int], results: Path, plots: Path, tag: str = "") -> str:
+    """Tables (dev and test) + plots of the seed means; written between the markers of ``results``."""
+    from nemo_jstip.plots import compare
+
+    timings = {}
+    for s in systems:
+        ts = [json.loads(p.read_text()) for seed in seeds if (p := out / run_name(s, seed, tag) / "timing.json").exists()]
+        timings[s] = [sum(t.values()) for t in ts if "train" in t]
+    parts = [BEGIN, f"_Generated by `benchmarks/reproduce.py` from `{out}` (seeds {seeds}); mean ± sample std over "
+             "seeds, in percent; minutes per run = train + both evaluations, as measured._\n"]
+    for split in ("test", "dev"):
+        found = collect(out, systems, seeds, split, tag)
+        if not found:
+            continue
+        parts += [f"### {split} sets\n", table(found, timings if split == "test" else None)]
+        mean_dir = out / f"mean_{split}"
+        dirs = {}
+        for s, ms in found.items():
+            (mean_dir / s).mkdir(parents=True, exist_ok=True)
+            (mean_dir / s / "metrics.json").write_text(json.dumps(mean_metrics(ms), indent=1))
+            dirs[s] = mean_dir / s
+        logs = {s: out / run_name(s, seeds[0], tag) for s in found}
+        cmp = compare(dirs, plots / split, logs if split == "test" else None)
+        rel = os.path.relpath(cmp.parent, results.parent)
+        parts += [f"![entity accuracy per domain, {split}]({rel}/entity_accuracy.png)\n"]
+        if (cmp.parent / "qa_accuracy.png").exists():
+            parts.append(f"![zero-shot spoken QA, {split}]({rel}/qa_accuracy.png)\n")
+        if (cmp.parent / "loss.png").exists():
+            parts.append(f"![training loss (seed {seeds[0]})]({rel}/loss.png)\n")
+    parts.append(END)
+    block = "\n".join(parts)
+    text = results.read_text() if results.exists() else "# Results\n\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Grid (generated)\n\n" + block + "\n"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(text)
+    return block
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="3", help="how many (3 -> seeds 1,2,3) or a comma list (default 3)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of mixtures (default: {','.join(SYSTEMS)})")
+    p.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the recipe's)")
+    p.add_argument("--out", default="nemo_experiments/repro", help="run folders, .nemo files, logs")
+    p.add_argument("--llm", default=f"{CORPUS}/llm", help="the pretrained LLM folder (made if missing)")
+    p.add_argument("--tag", default="", help="suffix of run names, for variants made with --set")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides (hydra)")
+    p.add_argument("--dev-only", action="store_true", help="evaluate on the dev sets only (setting choices)")
+    p.add_argument("--results", default="docs/results.md")
+    p.add_argument("--plots", default="docs/results")
+    p.add_argument("--no-aggregate", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (OMP_NUM_THREADS; default 1: two threads on 2 shared cores were "
+                        "up to 6x slower per step here)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    a = p.parse_args(argv)
+    ENV["OMP_NUM_THREADS"] = str(a.threads)
+    seeds, systems = parse_seeds(a.seeds), [s for s in a.systems.split(",") if s]
+    if unknown := set(systems) - set(SYSTEMS):
+        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    out = ROOT / a.out  # subprocesses run in ROOT; an absolute --out stays as it is
+    extra = [*a.set] + ([f"pretrained.hf_llm={a.llm}"] if a.llm != f"{CORPUS}/llm" else [])
+    splits = ("dev",) if a.dev_only else ("dev", "test")
+    runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits)) for seed in seeds for s in systems]
+    prep = prep_commands(systems, a.llm)
+    if a.dry_run:
+        for made, cmd in prep:
+            print(f"# unless {made} exists\n{shlex.join(cmd)}")
+        for s, seed, cmds in runs:
+            for cmd in cmds.values():
+                print(shlex.join(cmd))
+        return
+    t0 = time.time()
+    for made, cmd in prep:
+        if not (ROOT / made).exists():
+            print(f"prep: {shlex.join(cmd)}", flush=True)
+            print(f"prep took {_run(cmd, out / 'prep.log') / 60:.1f} min", flush=True)
+    for s, seed, cmds in runs:  # seed-major: one full seed of every system first
+        timing = run_one(s, seed, out, cmds, a.tag)
+        print(f"[{run_name(s, seed, a.tag)}] " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timing.items()), flush=True)
+    print(f"all runs done in {(time.time() - t0) / 60:.1f} min")
+    if not a.no_aggregate:
+        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag))
+
+
+if __name__ == "__main__":
+    main()
