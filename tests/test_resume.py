@@ -28,11 +28,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _train(corpus, exp_dir, *, kill_in_step6_save=False):
+def _train(corpus, exp_dir, *extra, kill_in_step6_save=False):
     args = [str(ROOT / "examples/jstip_train.py"), f"data.corpus_dir={corpus}", f"exp_manager.exp_dir={exp_dir}",
             "model_out=null", "trainer.max_steps=7", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
             "exp_manager.checkpoint_callback_params.every_n_train_steps=3", "model.train_ds.loader.num_workers=1",
-            "model.train_ds.sampler.max_tokens=1024", *TINY]
+            "model.train_ds.sampler.max_tokens=1024", *TINY, *extra]
     cmd = [sys.executable, "-c", KILL_IN_STEP6_SAVE, *args] if kill_in_step6_save else [sys.executable, *args]
     return subprocess.run(cmd, cwd=exp_dir.parent, capture_output=True, text=True, timeout=600)
 
@@ -65,4 +65,20 @@ def test_sigkill_during_save_then_resume_continues_exactly(tiny_corpus, tmp_path
     _, second = _losses(tmp_path / "run")  # the killed run's own log is cut short (TensorBoard flushes lazily)
     assert sorted(second) == [3, 4, 5, 6]  # continued from the step-3 checkpoint, not from scratch, not from step 6
     for step, loss in second.items():
+        assert loss == reference[step], (step, loss, reference[step])
+
+
+def test_tensor_parallel_run_resumes_exactly(tiny_corpus, tmp_path):
+    """TP=2 under Lightning (2 gloo processes): rank 0 gathers both shards into the checkpoint, each rank takes its
+    own back, and the resumed run's losses equal an uninterrupted run's."""
+    make_tokenizer([f"corpus_dir={tiny_corpus}", "vocab_size=300"])
+    tp2 = ["trainer.devices=2", "trainer.accelerator=cpu", "strategy.tensor_model_parallel_size=2",
+           "exp_manager.checkpoint_callback_params.every_n_train_steps=2", "model.train_ds.loader.num_workers=0"]
+    for exp, steps in (("ref", 4), ("run", 2), ("run", 4)):  # "run": stop at step 2, then the same command to 4
+        out = _train(tiny_corpus, tmp_path / exp, *tp2, f"trainer.max_steps={steps}")
+        assert out.returncode == 0, out.stderr[-4000:]
+    (reference,) = _losses(tmp_path / "ref")
+    first, second = _losses(tmp_path / "run")
+    assert sorted(reference) == [0, 1, 2, 3] and sorted(first) == [0, 1] and sorted(second) == [2, 3]
+    for step, loss in {**first, **second}.items():
         assert loss == reference[step], (step, loss, reference[step])
