@@ -1,0 +1,136 @@
+"""The reproduction's cheap logic: the mean ± std table and plots from metrics.json folders, the dry-run command
+list, and a tiny ``pretrain_llm`` folder that ``JSTIPModel`` loads through the repro recipe's ``init_from_hf``."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nemo_jstip.parallel.dist import spawn
+
+ROOT = Path(__file__).parents[1]
+_spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reproduce)
+
+
+def repro_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="jstip_repro", overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _metrics(wer: float, med: float, bank: float, qa: float) -> dict:
+    return {"wer": wer, "entity_accuracy": (med + bank) / 2, "num_utterances": 400, "num_qa": 69,
+            "qa_accuracy": qa, "qa_text_accuracy": 1.0,
+            "entity_accuracy_by_seen_in_text": {"True": med, "False": 0.0},
+            "domains": {"general": {"wer": wer, "entity_accuracy": None},
+                        "medical": {"wer": wer, "entity_accuracy": med},
+                        "banking": {"wer": wer, "entity_accuracy": bank}}}
+
+
+def test_aggregate_mean_std_table_and_plots(tmp_path):
+    out = tmp_path / "runs"
+    fake = {("asr_only", 1): _metrics(0.5, 0.1, 0.2, 0.0), ("asr_only", 2): _metrics(0.3, 0.3, 0.2, 0.0),
+            ("jstip_mixed", 1): _metrics(0.2, 0.6, 0.4, 0.5)}  # seed 2 of jstip_mixed is unfinished
+    for (system, seed), m in fake.items():
+        d = out / reproduce.run_name(system, seed) / "eval_test"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(m))
+        (d.parent / "timing.json").write_text(json.dumps({"train": 240.0, "eval_test": 60.0}))
+    results = tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nhand-written reading\n")
+    for _ in range(2):  # a rerun replaces the generated block and keeps the rest
+        reproduce.aggregate(out, ["asr_only", "jstip_mixed"], [1, 2], results, tmp_path / "docs" / "results")
+    text = results.read_text()
+    assert text.count(reproduce.BEGIN) == 1 and "hand-written reading" in text
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    head = rows["system"]
+    asr, jstip = rows["asr_only"], rows["jstip_mixed"]
+    assert asr[head.index("seeds")] == "2" and jstip[head.index("seeds")] == "1"
+    assert asr[head.index("WER %")] == "40.0 ± 14.1"  # mean and sample std of 50 and 30
+    assert asr[head.index("medical entity acc %")] == "20.0 ± 14.1"
+    assert jstip[head.index("spoken QA %")] == "50.0"  # one seed: no std
+    assert asr[-1].strip(" |") == "5.0"  # minutes per run
+    mean = json.loads((out / "mean_test" / "asr_only" / "metrics.json").read_text())
+    assert mean["wer"] == pytest.approx(0.4) and mean["domains"]["general"]["entity_accuracy"] is None
+    assert (tmp_path / "docs" / "results" / "test" / "entity_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "results" / "test" / "qa_accuracy.png").exists()
+
+
+def test_dry_run_lists_every_command(capsys):
+    reproduce.main(["--dry-run", "--seeds", "2", "--systems", "asr_only,jstip_synthetic", "--steps", "7"])
+    lines = capsys.readouterr().out.splitlines()
+    cmds = [line for line in lines if not line.startswith("#")]
+    assert "nemo_jstip.prep.pretrain_llm" in cmds[0] and "sizes.medical_textspeech" in cmds[1]
+    train = [c for c in cmds if "jstip_train.py" in c]
+    evals = [c for c in cmds if "jstip_eval.py" in c]
+    assert len(train) == 4 and len(evals) == 8  # 2 systems x 2 seeds, each evaluated on dev and test
+    assert all("trainer.max_steps=7" in c and "--config-name jstip_repro" in c for c in train)
+    assert sum("seed=2 " in c for c in train) == 2
+    assert [("data.corpus_dir=" in c) for c in train] == [False, True, False, True]
+    assert all("qa_test_cuts" in c for c in evals if "eval_test" in c)
+    assert reproduce.parse_seeds("3") == [1, 2, 3] and reproduce.parse_seeds("4,9") == [4, 9]
+
+
+def test_recipe_llm_matches_pretrain_defaults():
+    from nemo_jstip.modules.hf_import import llm_config_from_hf
+    from nemo_jstip.prep.pretrain_llm import PretrainConfig, hf_config
+
+    class Tok:  # what hf_config reads of the tokenizer
+        bos_token_id, eos_token_id, pad_token_id = 0, 1, 1
+
+        def __len__(self):
+            return 1003
+
+    expected = llm_config_from_hf(hf_config(PretrainConfig(), Tok()))
+    llm = OmegaConf.to_container(repro_cfg().model.llm)
+    for key, value in llm.items():
+        if key not in ("init_from_hf", "train_mode", "layer_spec"):
+            assert getattr(expected, key) == value, key
+
+
+def _load_from_hf(model_cfg: dict, hf_dir: str) -> dict:
+    """Rank body: JSTIPModel from the recipe's model section; its GPT must hold the HF weights."""
+    from safetensors.torch import load_file
+
+    from nemo_jstip.models.jstip_model import JSTIPModel
+    from nemo_jstip.parallel.dist import init_parallel
+
+    init_parallel(seed=0)
+    model = JSTIPModel(OmegaConf.create(model_cfg))
+    hf = load_file(f"{hf_dir}/model.safetensors")
+    emb = model.stage.gpt.embedding.word_embeddings.weight
+    vocab = hf["model.embed_tokens.weight"].shape[0]
+    return {"embedding_equal": torch.equal(emb[:vocab], hf["model.embed_tokens.weight"]),
+            "head_equal": torch.equal(model.stage.gpt.output_layer.weight[:vocab], hf["lm_head.weight"]),
+            "tokens": len(model.tokenizer), "vocab": vocab}
+
+
+def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
+    from transformers import AutoConfig
+
+    from nemo_jstip.modules.hf_import import llm_config_from_hf
+    from nemo_jstip.prep import tokenizer
+    from nemo_jstip.prep.pretrain_llm import main as pretrain_main
+
+    corpus = tmp_path / "corpus"
+    corpus.symlink_to(tiny_corpus)
+    tokenizer.main([f"corpus_dir={corpus}", "vocab_size=300", f"out_dir={tmp_path / 'tok'}"])
+    llm_dir = tmp_path / "llm"
+    result = pretrain_main([f"corpus_dir={corpus}", f"tokenizer={tmp_path / 'tok'}", f"out_dir={llm_dir}",
+                            "steps=3", "num_layers=2", "hidden_size=32", "ffn_hidden_size=64", "extra_general=40",
+                            "qa_repeats=1", "batch_size=8", "warmup=1"])
+    assert result["heldout_ppl"] > 1 and (llm_dir / "pretrain.json").exists()
+    llm = llm_config_from_hf(AutoConfig.from_pretrained(str(llm_dir)))
+    sizes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
+    cfg = repro_cfg(f"pretrained.hf_llm={llm_dir}", f"data.corpus_dir={corpus}", "model.llm.layer_spec=local",
+                    *[f"model.llm.{k}={getattr(llm, k)}" for k in sizes])
+    (out,) = spawn(_load_from_hf, 1, OmegaConf.to_container(cfg.model), str(llm_dir), timeout_s=120)
+    assert out["embedding_equal"] and out["head_equal"]
+    assert out["tokens"] == out["vocab"]  # the saved tokenizer already has JSTIP's special tokens
