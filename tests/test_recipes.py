@@ -18,7 +18,7 @@ from nemo_jstip.prep.tokenizer import corpus_texts, train_tokenizer
 CONF = Path(__file__).parents[1] / "conf"
 GPU = ["pretrained.asr_nemo=/models/asr.nemo", "pretrained.hf_llm=/models/Llama-3.2-1B"]
 FINETUNE = ["model.init_from_nemo=/models/stage1.nemo"]
-RECIPES = {"jstip_tiny": [], "jstip_tiny_asr_finetune": FINETUNE, "jstip_gpu_1b": GPU}  # conf/*.yaml but eval
+RECIPES = {"jstip_tiny": [], "jstip_tiny_asr_finetune": FINETUNE, "jstip_gpu_1b": GPU, "jstip_repro": []}  # but eval
 TRAIN = "{c}/general_train_cuts.jsonl"  # sources, {c} = data.corpus_dir
 TEXT = ["{c}/medical_text.txt", "{c}/banking_text.txt"]
 TTS = ["{c}/medical_textspeech_cuts.jsonl", "{c}/banking_textspeech_cuts.jsonl"]
@@ -76,7 +76,7 @@ def test_mixtures(base, mixture):
     assert streams(cfg) == expected(mixture, "/c")
     mode = MIXTURES[mixture][1]
     assert cfg.model.interleave.mode == (mode or "mixed")  # the base's default where nothing is interleaved
-    assert cfg.model.train_ds.interleave == cfg.model.interleave == cfg.model.validation_ds.interleave
+    assert "interleave" not in cfg.model.train_ds and "interleave" not in cfg.model.validation_ds  # model's
     assert cfg.model.validation_ds.input_cfg[0].cuts_path == "/c/general_dev_cuts.jsonl"
 
 
@@ -141,7 +141,8 @@ def tokenizer(tiny_corpus):
 
 
 def first_batches(cfg, tokenizer, n=1):
-    loader = build_dataloader(cfg.model.train_ds, tokenizer, FrameSpec.from_config(cfg.model.perception))
+    data = {**cfg.model.train_ds, "interleave": cfg.model.interleave}  # as JSTIPModel passes it on
+    loader = build_dataloader(data, tokenizer, FrameSpec.from_config(cfg.model.perception))
     return loader, list(islice(loader, n))
 
 

@@ -310,6 +310,11 @@ class JSTIPModel(ModelPT):
         from nemo_jstip.data.nemo_types import build_dataloader
 
         cfg = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "defer_setup"}
+        # the data must interleave as the model's tokenizer was set up to (special tokens): one source of truth
+        model_interleave = OmegaConf.to_container(self.cfg.get("interleave") or OmegaConf.create(), resolve=True)
+        if cfg.setdefault("interleave", model_interleave) != model_interleave:
+            raise ValueError(f"data interleave {cfg['interleave']} differs from model.interleave {model_interleave}: "
+                             "drop the data section's own (it follows model.interleave)")
         return build_dataloader(cfg, self.tokenizer, self.frame_spec, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
 
     def setup_training_data(self, cfg):
