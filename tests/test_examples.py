@@ -1,4 +1,4 @@
-"""The example scripts end to end, as a user runs them: train a few steps, save the .nemo, evaluate it."""
+"""The example scripts end to end, as a user runs them: train a few steps, save the .nemo, evaluate it at TP=2."""
 import json
 import subprocess
 import sys
@@ -31,7 +31,9 @@ def test_train_save_evaluate(tiny_corpus, tmp_path):
          *TINY], tmp_path)
     assert nemo.exists()
     manifests = [tiny_corpus / "medical_test_cuts.jsonl", tiny_corpus / "qa_test_cuts.jsonl"]
-    out = run([str(ROOT / "examples/jstip_eval.py"), f"model={nemo}", f"data.manifest=[{','.join(map(str, manifests))}]",
+    # restored at another layout: TP=2 on two processes (torchrun), decoding the same batches
+    out = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "examples/jstip_eval.py"),
+               "tensor_model_parallel_size=2", f"model={nemo}", f"data.manifest=[{','.join(map(str, manifests))}]",
                f"output_dir={tmp_path / 'eval'}", "max_new_tokens=4", "qa.max_new_tokens=4", f"log_dir={tmp_path}"],
               tmp_path)
     assert "| medical |" in out and "## Zero-shot spoken QA" in out
