@@ -305,6 +305,23 @@ class JSTIPModel(ModelPT):
         self.log("val_loss", stats["loss"], prog_bar=True, batch_size=max(stats["tokens"], 1))
         return stats["loss"]
 
+    def setup_optimizer_param_groups(self):
+        """NeMo's ``optim_param_groups`` with dotted module paths, e.g. ``{stage.perception: {lr: 5e-3}}`` to let the
+        speech side learn faster than a pretrained LLM. A module that is None on this pipeline stage is skipped."""
+        groups, grouped = [], set()
+        for path, extra in (self.cfg.get("optim_param_groups") or {}).items():
+            module = self
+            for name in path.split("."):
+                if not hasattr(module, name):
+                    raise ValueError(f"optim_param_groups: the model has no module {path!r}")
+                module = getattr(module, name)
+            if module is not None:
+                params = list(module.parameters())
+                grouped |= {id(p) for p in params}
+                groups.append({"params": params, **OmegaConf.to_container(extra, resolve=True)})
+        rest = [p for p in self.parameters() if id(p) not in grouped]
+        self._optimizer_param_groups = [{"params": rest}, *groups]
+
     # ------------------------------------------------------------------ data
     def _dataloader(self, cfg):
         from nemo_jstip.data.nemo_types import build_dataloader

@@ -160,3 +160,4 @@ def test_init_from_hf_folder_and_from_nemo(parallel_setup, good_nemo, tmp_path):
     torch.testing.assert_close(out["hf_embedding"][: len(vocab)], vocab)
     (saved,) = spawn(save_or_restore, 1, parallel_setup, str(good_nemo), 1, 1, False)
     assert out["loss"] == pytest.approx(saved["loss"], abs=1e-6)
+
