@@ -182,9 +182,42 @@ def layer_spec(cfg: LLMConfig):
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+        spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
     if cfg.train_mode == "lora":
         spec = _lora_layer_spec(spec, cfg)
     return spec
+
+
+@functools.cache
+def _sdpa_attention_class() -> type:
+    """Megatron's local core attention with PyTorch's fused SDPA kernel on the plain causal path (training, and
+    prefill without padding); padding masks, KV-cache decoding and the rarer options keep Megatron's own code. Same
+    math, without the per-layer mask build, the expanded K/V heads and the unfused softmax (the local spec's main
+    cost next to TE and to HF models: benchmarks/bench_salm.py)."""
+    from contextlib import nullcontext
+
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class SDPADotProductAttention(DotProductAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            c = self.config
+            if (attention_mask is not None or (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal
+                    or query.shape[0] != key.shape[0] or attention_bias is not None or packed_seq_params is not None
+                    or self.softmax_offset is not None or c.window_size is not None or c.apply_query_key_layer_scaling):
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                       packed_seq_params)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, heads, d] -> [b, heads, s, d]
+            p = self.attention_dropout.p if self.training else 0.0
+            # attention dropout differs per TP rank, as in Megatron (its RNG tracker's model-parallel stream)
+            with tensor_parallel.get_cuda_rng_tracker().fork() if p and not c.sequence_parallel else nullcontext():
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
+                                                     enable_gqa=k.shape[1] != q.shape[1])
+            return out.permute(2, 0, 1, 3).flatten(2)  # [s, b, heads * d]
+
+    return SDPADotProductAttention
 
 
 def build_llm(cfg: LLMConfig, *, pre_process: bool | None = None, post_process: bool | None = None,

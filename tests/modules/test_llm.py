@@ -66,7 +66,7 @@ def build_and_step(mode: str) -> dict:
 @pytest.mark.parametrize("mode", ["frozen", "full", "lora"])
 def test_build_modes_forward_backward(mode):
     (r,) = spawn(build_and_step, 1, mode)
-    assert {"GPTModel", "DotProductAttention", "RMSNorm"} <= r["types"]  # the local spec
+    assert {"GPTModel", "SDPADotProductAttention", "RMSNorm"} <= r["types"]  # the local spec (+ SDPA)
     assert r["logits_shape"] == (B, S, 256) and r["zero_loss_where_ignored"] and r["input_grad"]
     lora = {n for n in r["all_params"] if n.endswith((".lora_a", ".lora_b"))}
     if mode == "frozen":
@@ -190,3 +190,25 @@ def test_bf16_with_dropout_tp2():
     for r in spawn(bf16_dropout_step, 2):
         assert r["dtypes"] == {torch.bfloat16} and r["logits"] == torch.bfloat16 and r["lora_grads"]
         assert torch.isfinite(torch.tensor(r["loss"]))
+
+
+def sdpa_vs_megatron() -> float:
+    """Rank body: the SDPA core attention against Megatron's own DotProductAttention code, GQA, causal, no mask."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from nemo_jstip.modules.llm import build_llm
+    from nemo_jstip.parallel.dist import init_parallel
+
+    init_parallel()
+    model = build_llm(LLMConfig(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
+                                num_query_groups=2, vocab_size=100, layer_spec="local"))
+    core = model.decoder.layers[0].self_attention.core_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(12, 3, h, 8, generator=g) for h in (8, 2, 2))  # [s, b, heads, d]
+    assert type(core).__name__ == "SDPADotProductAttention"
+    return (core(q, k, v, None) - DotProductAttention.forward(core, q, k, v, None)).abs().max().item()
+
+
+def test_sdpa_core_attention_equals_megatrons():
+    (diff,) = spawn(sdpa_vs_megatron, 1)
+    assert diff < 1e-5
