@@ -27,7 +27,6 @@ from pathlib import Path, PurePosixPath
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
 from omegaconf import OmegaConf, open_dict
