@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy
 from megatron.core import parallel_state as ps
 
@@ -72,7 +73,8 @@ class MegatronStrategy(DDPStrategy):
         if ps.get_data_parallel_rank() == 0:
             mine |= {k: checkpoint.pop(k) for k in _SHARDED if k in checkpoint}
         ranks = [None] * torch.distributed.get_world_size() if self.is_global_zero else None
-        torch.distributed.gather_object(mine, ranks, dst=0)
+        # on the CPU: gathered GPU tensors would all land on rank 0's device
+        torch.distributed.gather_object(move_data_to_device(mine, "cpu"), ranks, dst=0)
         checkpoint["ranks"], checkpoint["layout"] = ranks, _layout()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
