@@ -23,7 +23,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
@@ -88,18 +88,19 @@ def vet_weights(folder: str | Path) -> None:
 
 
 def safe_extract(tar_path: str | Path, out_dir: str | Path) -> None:
-    """Extract a .nemo; any member that is not a plain file/folder inside ``out_dir`` aborts the whole load."""
-    out = os.path.realpath(out_dir)
+    """Extract a .nemo; a link, an absolute or ``..`` path or a special file aborts the whole load (NeMo's own
+    restore only skips such members)."""
+    from nemo.utils.tar_utils import TarPathTraversalError
+    from nemo.utils.tar_utils import safe_extract as extract_or_raise
+
     with tarfile.open(tar_path, "r:*") as tar:
-        members = tar.getmembers()
-        for m in members:
-            parts = PurePosixPath(m.name).parts
-            if not (m.isfile() or m.isdir()) or PurePosixPath(m.name).is_absolute() or ".." in parts:
-                raise UnsafeCheckpointError(f"{tar_path}: refusing tar member {m.name!r} (link, device or path outside)")
-            dest = os.path.realpath(os.path.join(out, *parts))
-            if os.path.commonpath([dest, out]) != out:
-                raise UnsafeCheckpointError(f"{tar_path}: tar member {m.name!r} would be written outside {out}")
-        tar.extractall(out, members=members, filter="data")
+        try:
+            extract_or_raise(tar, str(out_dir))  # refuses links and paths outside; filter="data" for the rest
+        except TarPathTraversalError as e:  # NeMo's message: "Skipping potentially unsafe tar member: NAME"
+            member = str(e).rpartition(": ")[2]
+            raise UnsafeCheckpointError(f"{tar_path}: refusing tar member {member!r} (a link or a path outside)") from e
+        except tarfile.FilterError as e:
+            raise UnsafeCheckpointError(f"{tar_path}: refusing tar member {e.tarinfo.name!r} ({e})") from e
 
 
 # ------------------------------------------------------------------ weights

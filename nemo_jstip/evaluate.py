@@ -159,30 +159,26 @@ def _judged(answer: str | None, correct: bool) -> str:
     return "-" if answer is None else f"{_cell(answer) or '(empty)'} {'(right)' if correct else '(wrong)'}"
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def report(metrics: dict, mentions: list[dict], name: str = "", qa: list[dict] = (), figures: dict | None = None,
            max_mentions: int = 40) -> str:
     lines = [f"# Evaluation {name}".rstrip(), "", "| domain | utterances | WER % | entity acc % |", "|---|---|---|---|"]
     for d, m in metrics["domains"].items():
-        lines.append(f"| {d} | {m['num_utterances']} | {_pct(m['wer'])} | {_pct(m['entity_accuracy'])} |")
+        lines.append(f"| {d} | {m['num_utterances']} | {plots.pct(m['wer'])} | {plots.pct(m['entity_accuracy'])} |")
     lines.append(
-        f"| **all** | {metrics['num_utterances']} | {_pct(metrics['wer'])} | {_pct(metrics['entity_accuracy'])} |"
+        f"| **all** | {metrics['num_utterances']} | {plots.pct(metrics['wer'])} | {plots.pct(metrics['entity_accuracy'])} |"
     )
     lines += ["", f"RTFx (audio seconds per decoding second): {metrics['rtfx']:.1f}", ""]
     if metrics["entity_accuracy_by_type"]:
         lines += ["| entity type | accuracy % |", "|---|---|"]
-        lines += [f"| {t} | {_pct(a)} |" for t, a in metrics["entity_accuracy_by_type"].items()]
+        lines += [f"| {t} | {plots.pct(a)} |" for t, a in metrics["entity_accuracy_by_type"].items()]
         lines += ["", "## Entity mentions (first misses)", "", "| cut | type | entity | hypothesis |", "|---|---|---|---|"]
         for m in [m for m in mentions if not m["correct"]][:max_mentions]:
             lines.append(f"| {m['cut_id']} | {m['type']} | {m['entity']} | {_cell(m['hypothesis'])} |")
     if metrics.get("num_qa"):
         n = metrics["num_qa"]
         lines += [""] * bool(lines[-1]) + ["## Zero-shot spoken QA", "", "| question given as | questions | accuracy % |",
-                                           "|---|---|---|", f"| speech | {n} | {_pct(metrics['qa_accuracy'])} |",
-                                           f"| text (upper bound) | {n} | {_pct(metrics['qa_text_accuracy'])} |", "",
+                                           "|---|---|---|", f"| speech | {n} | {plots.pct(metrics['qa_accuracy'])} |",
+                                           f"| text (upper bound) | {n} | {plots.pct(metrics['qa_text_accuracy'])} |", "",
                                            "| cut | question | answers | answer (speech) | answer (text) |",
                                            "|---|---|---|---|---|"]
         for r in list(qa)[:max_mentions]:

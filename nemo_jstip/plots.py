@@ -17,7 +17,7 @@ import csv
 import json
 from pathlib import Path
 
-__all__ = ["read_scalars", "plot_entity_accuracy", "plot_qa", "plot_losses", "write_plots", "table", "compare"]
+__all__ = ["pct", "read_scalars", "plot_entity_accuracy", "plot_qa", "plot_losses", "write_plots", "table", "compare"]
 
 LOSSES = ("train_loss", "val_loss")  # what JSTIPModel logs
 
@@ -131,7 +131,8 @@ def write_plots(metrics: dict[str, dict], out_dir: str | Path, curves: dict | No
     return {title: p.name for title, p in made.items() if p is not None}
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
+    """A share in percent with one decimal, ``-`` for None (the tables of this module and of the report)."""
     return "-" if x is None else f"{100 * x:.1f}"
 
 
@@ -143,9 +144,9 @@ def table(metrics: dict[str, dict]) -> str:
             "QA %", "QA text %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
-        cells = [name, str(m.get("num_utterances", "-")), _pct(m.get("wer")), _pct(m.get("entity_accuracy")),
-                 *[_pct(m.get("domains", {}).get(d, {}).get("entity_accuracy")) for d in domains],
-                 _pct(m.get("qa_accuracy")), _pct(m.get("qa_text_accuracy"))]
+        cells = [name, str(m.get("num_utterances", "-")), pct(m.get("wer")), pct(m.get("entity_accuracy")),
+                 *[pct(m.get("domains", {}).get(d, {}).get("entity_accuracy")) for d in domains],
+                 pct(m.get("qa_accuracy")), pct(m.get("qa_text_accuracy"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

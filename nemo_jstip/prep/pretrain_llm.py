@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-QA_TEMPLATE = "Question: {q}\nAnswer: {a}"  # conf/jstip_eval.yaml's qa.template, with the reference answer
-
 
 @dataclass
 class PretrainConfig:
@@ -64,6 +62,7 @@ def corpus_lines(corpus_dir: str | Path, extra_general: int, qa_repeats: int, se
     """``source -> lines``: general (ASR transcripts + generated), each domain's text, and the QA facts."""
     from lhotse import CutSet
 
+    from nemo_jstip.evaluate import QA_TEMPLATE  # the evaluation's prompt, completed with the reference answer
     from nemo_jstip.prep.sentences import SentenceGenerator, load_domain
 
     d = Path(corpus_dir)
@@ -77,7 +76,7 @@ def corpus_lines(corpus_dir: str | Path, extra_general: int, qa_repeats: int, se
     for f in sorted(d.glob("*_text.txt")):
         out[f.stem.removesuffix("_text")] = [t for t in f.read_text().splitlines() if t.strip()]
     qa = load_domain("qa")["items"]
-    out["qa"] = [QA_TEMPLATE.format(q=q, a=a[0]) for q, a in qa] * qa_repeats
+    out["qa"] = [f"{QA_TEMPLATE.format(input=q)} {a[0]}" for q, a in qa] * qa_repeats
     return out
 
 
@@ -140,18 +139,20 @@ def perplexity(model, seqs: list[list[int]], pad: int, batch_size: int = 256) ->
 
 @torch.no_grad()
 def qa_text_accuracy(model, tok, max_new_tokens: int = 8) -> float:
-    """Share of the QA facts the LLM completes from ``Question: q\\nAnswer:`` (greedy), answer words matched."""
+    """Share of the QA facts the LLM completes from the evaluation's QA prompt (greedy), scored as the evaluation does."""
+    from nemo_jstip.evaluate import QA_TEMPLATE
+    from nemo_jstip.metrics import qa_correct
     from nemo_jstip.prep.sentences import load_domain
 
     model.eval()
     items = load_domain("qa")["items"]
     right = 0
     for q, answers in items:
-        prompt = [tok.bos_token_id, *tok(f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]]
+        prompt = [tok.bos_token_id, *tok(QA_TEMPLATE.format(input=q), add_special_tokens=False)["input_ids"]]
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
         text = tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip().split("\n")[0]
-        right += any(f" {a} " in f" {text} " for a in map(str, answers))
+        right += qa_correct(text, [str(a) for a in answers])
     model.train()
     return right / len(items)
 
