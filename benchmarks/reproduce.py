@@ -5,7 +5,8 @@
 
 Systems are the mixtures of conf/mixture/ (ASR-only, joint, JSTIP word / segment / mixed, JSTIP with synthetic TTS
 pairs instead of the domain text), trained with conf/jstip_repro.yaml (a small LLM pretrained here on the corpus
-text, ``nemo_jstip.prep.pretrain_llm``). Each run is ``examples/jstip_train.py`` then ``examples/jstip_eval.py`` on
+text, ``nemo_jstip.prep.pretrain_llm``) and a speech encoder CTC-pretrained here on the general ASR data
+(``nemo_jstip.prep.pretrain_encoder``). Each run is ``examples/jstip_train.py`` then ``examples/jstip_eval.py`` on
 the dev sets and on the test sets with spoken QA, as subprocesses, so a crash or a kill loses one run only.
 Resumable: a run whose eval ``metrics.json`` exists is skipped, an existing ``.nemo`` is not retrained, and a killed
 training run continues from its last checkpoint (``exp_manager.resume_if_exists``). The aggregate (Markdown table,
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SYSTEMS = ("asr_only", "joint", "jstip_word", "jstip_segment", "jstip_mixed", "jstip_synthetic")
 CORPUS, TTS_CORPUS = "data/demo_corpus", "data/demo_corpus_tts"
+ENCODER = f"{CORPUS}/asr_ctc/asr_ctc.nemo"  # conf/jstip_repro.yaml's pretrained.asr_encoder
 TTS_SIZES = ["sizes.medical_textspeech=1500", "sizes.banking_textspeech=1500"]
 DOMAINS = ("general", "medical", "banking")
 SPLITS = {"dev": [f"{CORPUS}/{d}_dev_cuts.jsonl" for d in DOMAINS],
@@ -46,10 +48,12 @@ def run_name(system: str, seed: int, tag: str = "") -> str:
     return f"{system}{'_' + tag if tag else ''}_s{seed}"
 
 
-def prep_commands(systems: list[str], llm_dir: str) -> list[tuple[str, list[str]]]:
-    """(what it makes, command) for the shared inputs: the pretrained LLM, the TTS corpus for jstip_synthetic."""
+def prep_commands(systems: list[str], llm_dir: str, encoder: str) -> list[tuple[str, list[str]]]:
+    """(what it makes, command) for the shared inputs: the pretrained LLM and speech encoder, the TTS corpus for
+    jstip_synthetic."""
     cmds = [(f"{llm_dir}/model.safetensors",
-             [PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}", f"out_dir={llm_dir}"])]
+             [PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}", f"out_dir={llm_dir}"]),
+            (encoder, [PY, "-m", "nemo_jstip.prep.pretrain_encoder", f"corpus_dir={CORPUS}", f"out={encoder}"])]
     if "jstip_synthetic" in systems:
         cmds.append((f"{TTS_CORPUS}/.complete", [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
     return cmds
@@ -220,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the recipe's)")
     p.add_argument("--out", default="nemo_experiments/repro", help="run folders, .nemo files, logs")
     p.add_argument("--llm", default=f"{CORPUS}/llm", help="the pretrained LLM folder (made if missing)")
+    p.add_argument("--encoder", default=ENCODER, help="the CTC-pretrained encoder .nemo (made if missing)")
     p.add_argument("--tag", default="", help="suffix of run names, for variants made with --set")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides (hydra)")
     p.add_argument("--dev-only", action="store_true", help="evaluate on the dev sets only (setting choices)")
@@ -236,10 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(systems) - set(SYSTEMS):
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     out = ROOT / a.out  # subprocesses run in ROOT; an absolute --out stays as it is
-    extra = [*a.set] + ([f"pretrained.hf_llm={a.llm}"] if a.llm != f"{CORPUS}/llm" else [])
+    extra = ([*a.set] + ([f"pretrained.hf_llm={a.llm}"] if a.llm != f"{CORPUS}/llm" else [])
+             + ([f"pretrained.asr_encoder={a.encoder}"] if a.encoder != ENCODER else []))
     splits = ("dev",) if a.dev_only else ("dev", "test")
     runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits)) for seed in seeds for s in systems]
-    prep = prep_commands(systems, a.llm)
+    prep = prep_commands(systems, a.llm, a.encoder)
     if a.dry_run:
         for made, cmd in prep:
             print(f"# unless {made} exists\n{shlex.join(cmd)}")

@@ -67,7 +67,8 @@ def test_dry_run_lists_every_command(capsys):
     reproduce.main(["--dry-run", "--seeds", "2", "--systems", "asr_only,jstip_synthetic", "--steps", "7"])
     lines = capsys.readouterr().out.splitlines()
     cmds = [line for line in lines if not line.startswith("#")]
-    assert "nemo_jstip.prep.pretrain_llm" in cmds[0] and "sizes.medical_textspeech" in cmds[1]
+    assert "nemo_jstip.prep.pretrain_llm" in cmds[0] and "nemo_jstip.prep.pretrain_encoder" in cmds[1]
+    assert "sizes.medical_textspeech" in cmds[2]
     train = [c for c in cmds if "jstip_train.py" in c]
     evals = [c for c in cmds if "jstip_eval.py" in c]
     assert len(train) == 4 and len(evals) == 8  # 2 systems x 2 seeds, each evaluated on dev and test
@@ -134,3 +135,36 @@ def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
     (out,) = spawn(_load_from_hf, 1, OmegaConf.to_container(cfg.model), str(llm_dir), timeout_s=120)
     assert out["embedding_equal"] and out["head_equal"]
     assert out["tokens"] == out["vocab"]  # the saved tokenizer already has JSTIP's special tokens
+
+
+def _perception_from_asr(model_cfg: dict, asr_nemo: str) -> dict:
+    from nemo_jstip.models.jstip_model import JSTIPModel
+    from nemo_jstip.parallel.dist import init_parallel
+
+    init_parallel(seed=0)
+    model = JSTIPModel(OmegaConf.create(model_cfg))
+    from nemo.collections.asr.models import EncDecCTCModel
+
+    asr = EncDecCTCModel.restore_from(asr_nemo, map_location="cpu")
+    ours, theirs = model.stage.perception.encoder.state_dict(), asr.encoder.state_dict()
+    return {"equal": ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)}
+
+
+def test_tiny_encoder_pretrain_loads_via_init_from_nemo(tiny_corpus, tmp_path):
+    """The CTC-pretrained encoder: NeMo's EncDecCTCModel on general train cuts, dev sets scored, loaded into the
+    repro recipe's perception by ``model.perception.init_from_nemo`` (the recipe's default path)."""
+    from nemo_jstip.prep import tokenizer
+    from nemo_jstip.prep.pretrain_encoder import main as pretrain_main
+
+    tokenizer.main([f"corpus_dir={tiny_corpus}", "vocab_size=300", f"out_dir={tmp_path / 'tok'}"])
+    out = tmp_path / "asr" / "asr_ctc.nemo"
+    report = pretrain_main([f"corpus_dir={tiny_corpus}", f"out={out}", "steps=4", "batch_duration=10", "warmup=1",
+                            "num_workers=0"])
+    assert out.exists() and (out.parent / "pretrain.json").exists()
+    assert set(report["dev"]) == {"general_dev", "medical_dev", "banking_dev"}
+    assert all(0 <= m["cer"] and m["wer"] >= 0 for m in report["dev"].values())
+    cfg = repro_cfg(f"pretrained.asr_encoder={out}", f"data.corpus_dir={tiny_corpus}", "model.llm.layer_spec=local",
+                    "model.llm.init_from_hf=null", f"model.tokenizer.path={tmp_path / 'tok'}")
+    assert cfg.model.perception.init_from_nemo == str(out)
+    (res,) = spawn(_perception_from_asr, 1, OmegaConf.to_container(cfg.model), str(out), timeout_s=120)
+    assert res["equal"]
