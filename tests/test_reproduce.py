@@ -168,3 +168,22 @@ def test_tiny_encoder_pretrain_loads_via_init_from_nemo(tiny_corpus, tmp_path):
     assert cfg.model.perception.init_from_nemo == str(out)
     (res,) = spawn(_perception_from_asr, 1, OmegaConf.to_container(cfg.model), str(out), timeout_s=120)
     assert res["equal"]
+
+
+def test_runs_go_on_when_one_fails(monkeypatch, tmp_path, capsys):
+    """--jobs runs several at a time; a failed run is reported at the end and does not stop the others."""
+    done = []
+
+    def fake_run_one(system, seed, out, cmds, tag=""):
+        if system == "joint":
+            raise RuntimeError("exit 1: boom")
+        done.append((system, seed))
+        return {"train": 1.0}
+
+    monkeypatch.setattr(reproduce, "run_one", fake_run_one)
+    monkeypatch.setattr(reproduce, "_run", lambda cmd, log: 0.0)  # prep: nothing to build
+    with pytest.raises(SystemExit, match="joint_s1, joint_s2"):
+        reproduce.main(["--seeds", "2", "--systems", "asr_only,joint,jstip_word", "--jobs", "2",
+                        "--out", str(tmp_path), "--no-aggregate"])
+    assert sorted(done) == [("asr_only", 1), ("asr_only", 2), ("jstip_word", 1), ("jstip_word", 2)]
+    assert "[joint_s1] FAILED: exit 1: boom" in capsys.readouterr().out
