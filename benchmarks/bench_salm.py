@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default="conf/jstip_tiny.yaml")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--profile", action="store_true", help="also time perception / LLM / optimizer parts")
+    p.add_argument("--torch-profile", type=int, default=0, metavar="N",
+                   help="also run N steps of each under torch.profiler and print the top operators by self CPU time")
     return p.parse_args(argv)
 
 
@@ -285,6 +287,12 @@ def main(argv=None):
               f"{mean[k]:.4f} | {std:.4f} | {med[k]:.4f} | {min(times[k]):.4f} | {ratio} |")
     if a.profile:
         profile(model, salm, jb, sb, opt_j, opt_s, params_s, max_norm)
+    for name, step in steps.items() if a.torch_profile else ():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(a.torch_profile):
+                step()
+        print(f"\n{name}: {a.torch_profile} steps under torch.profiler, top operators by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 def profile(model, salm, jb, sb, opt_j, opt_s, params_s, max_norm, n: int = 20):

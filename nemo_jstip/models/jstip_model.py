@@ -424,9 +424,10 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     from megatron.core.transformer.module import param_is_not_shared
 
     grads = [p.grad for p in params if p.grad is not None]
-    counted = [p for p in params if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
-    local = sum((p.grad.float() ** 2).sum() for p in counted)
-    sq = torch.as_tensor(local, dtype=torch.float32, device=grads[0].device if grads else None).reshape(1)
+    counted = [p.grad for p in params if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+    device = grads[0].device if grads else None
+    local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=device)  # foreach kernels
+    sq = (local.float() ** 2).reshape(1).to(device)
     torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
     norm = math.sqrt(sq.item())
     if norm > max_norm:
