@@ -287,11 +287,17 @@ def main(argv=None):
               f"{mean[k]:.4f} | {std:.4f} | {med[k]:.4f} | {min(times[k]):.4f} | {ratio} |")
     if a.profile:
         profile(model, salm, jb, sb, opt_j, opt_s, params_s, max_norm)
-    for name, step in steps.items() if a.torch_profile else ():
+    if a.torch_profile:
+        torch_profile(steps, a.torch_profile)
+
+
+def torch_profile(steps: dict, n: int) -> None:
+    """``n`` steps of each system under torch.profiler: where the CPU time goes, operator by operator."""
+    for name, step in steps.items():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(a.torch_profile):
+            for _ in range(n):
                 step()
-        print(f"\n{name}: {a.torch_profile} steps under torch.profiler, top operators by self CPU time")
+        print(f"\n{name}: {n} steps under torch.profiler, top operators by self CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 

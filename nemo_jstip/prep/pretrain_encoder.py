@@ -83,8 +83,8 @@ def evaluate(model, corpus: Path) -> dict:
     for path in sorted(corpus.glob("*_dev_cuts.jsonl")):
         cuts = CutSet.from_file(path)
         refs = [c.supervisions[0].text for c in cuts]
-        hyps = model.transcribe([c.recording.sources[0].source for c in cuts], batch_size=16, verbose=False)
-        hyps = [h.text if hasattr(h, "text") else h for h in hyps]
+        hyps = [h.text for h in model.transcribe([c.recording.sources[0].source for c in cuts], batch_size=16,
+                                                 verbose=False)]
         out[path.name.removesuffix("_cuts.jsonl")] = {"wer": wer(refs, hyps)["wer"],
                                                       "cer": word_error_rate(hyps, refs, use_cer=True),
                                                       "example": [refs[0], hyps[0]]}
