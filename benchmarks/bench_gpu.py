@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--audio-seconds", type=float, default=16.0)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense BF16 peak; default from the device name")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--torch-profile", type=int, default=0, metavar="N",
+                   help="after timing, N steps under torch.profiler: top kernels by device time (where a step goes)")
     a = p.parse_args(argv)
     if a.tiny:
         a.seq, a.llm_layers, a.hidden, a.ffn, a.heads, a.kv_groups, a.vocab = 256, 2, 128, 256, 4, 2, 512
@@ -191,6 +193,8 @@ def run_config(name: str, a, tok_dir: str, device) -> dict:
     losses = [step() for _ in range(a.steps)]
     sync()
     dt = (time.perf_counter() - t0) / max(a.steps, 1)
+    if a.torch_profile:
+        torch_profile(step, a.torch_profile, device, name)
     flops, n_nonemb = llm_flops(model.stage.gpt, a, tokens)
     peak, _ = peak_flops(a, device)
     n_enc = sum(p.numel() for p in model.stage.perception.parameters())
@@ -201,6 +205,26 @@ def run_config(name: str, a, tok_dir: str, device) -> dict:
            "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     del model, opt, batches, params
     return res
+
+
+def torch_profile(step, n: int, device, name: str) -> None:
+    """``n`` steps under torch.profiler: operators by self device time (self CPU time on the CPU). A step whose
+    kernels add up to much less than its wall time is host-bound (launch overhead, synchronisation)."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    wall = (time.perf_counter() - t0) / n
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events) / n / 1e3
+    print(f"\n{name}: {n} steps under torch.profiler: {1e3 * wall:.1f} ms/step wall, {busy:.1f} ms/step of "
+          f"{'kernels' if device.type == 'cuda' else 'CPU ops'}; top operators by {key}")
+    print(events.table(sort_by=key, row_limit=30, max_name_column_width=70))
 
 
 def main(argv=None) -> list[dict]:

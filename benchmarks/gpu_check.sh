@@ -24,10 +24,12 @@ fi
 } 2>&1 | tee "$OUT/gpu.txt"
 
 B="python3 benchmarks/bench_gpu.py --steps 20 --warmup 5"
-timeout 150 $B --configs local-bf16-autocast,local-bf16-params --out "$OUT/bench_b2.json" 2>&1 | tee "$OUT/bench.log"
-timeout 90 $B --configs local-bf16-params --batch 8 --out "$OUT/bench_b8.json" 2>&1 | tee -a "$OUT/bench.log"
+timeout 150 $B --configs local-bf16-autocast,local-bf16-params --torch-profile 2 --out "$OUT/bench_b2.json" 2>&1 \
+  | tee "$OUT/bench.log"
+timeout 90 $B --configs local-bf16-params --batch 8 --torch-profile 2 --out "$OUT/bench_b8.json" 2>&1 | tee -a "$OUT/bench.log"
+timeout 90 $B --configs local-bf16-params --batch 4 --microbatches 4 --out "$OUT/bench_b4x4.json" 2>&1 | tee -a "$OUT/bench.log"
 
 # (test_generate's decoding tests share one TP=2 fixture; test_overfit still decodes greedily on the GPU.)
 MULTI="tp2 or data_parallel or context_parallel or model_parallel_matches or kv_cache or rows_do_not or eos_stops"
-timeout 270 python3 -m pytest -q -rfE -p no:cacheprovider --timeout 150 tests/modules tests/models \
+timeout 240 python3 -m pytest -q -rfE -p no:cacheprovider --timeout 150 tests/modules tests/models \
   -k "not ($MULTI)" --deselect "tests/modules/test_hf_import.py::test_logit_parity_with_hf[2]" 2>&1 | tee "$OUT/pytest.log" | tail -40
