@@ -4,9 +4,11 @@
 #   2. benchmarks/bench_gpu.py at the ~1B size (local spec, BF16, megatron-core unpatched, NCCL 1-rank group);
 #   3. the single-process model tests on CUDA (megatron-core unpatched; the CPU shim is inactive).
 # Multi-rank tests (TP/PP/DP/CP = 2) need one GPU per rank under NCCL, so they are deselected on one GPU.
-# Writes gpu.txt, bench*.json/log and pytest.log under OUT_DIR.   Usage: bash benchmarks/gpu_check.sh OUT_DIR
+# Writes gpu.txt, bench*.json/log and pytest.log under OUT_DIR.
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR [all|bench|tests]
 set -u
-OUT=${1:?usage: gpu_check.sh OUT_DIR}
+OUT=${1:?usage: gpu_check.sh OUT_DIR [all|bench|tests]}
+WHAT=${2:-all}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -23,12 +25,15 @@ fi
   megatron.core.__version__, 'nemo', nemo.__version__, 'lhotse', lhotse.__version__, 'lightning', lightning.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
+if [ "$WHAT" != tests ]; then
 B="python3 benchmarks/bench_gpu.py --steps 20 --warmup 5"
 timeout 150 $B --configs local-bf16-autocast,local-bf16-params --torch-profile 2 --out "$OUT/bench_b2.json" 2>&1 \
   | tee "$OUT/bench.log"
 timeout 90 $B --configs local-bf16-params --batch 8 --torch-profile 2 --out "$OUT/bench_b8.json" 2>&1 | tee -a "$OUT/bench.log"
 timeout 90 $B --configs local-bf16-params --batch 4 --microbatches 4 --out "$OUT/bench_b4x4.json" 2>&1 | tee -a "$OUT/bench.log"
+fi
 
+[ "$WHAT" = bench ] && exit 0
 # (test_generate's decoding tests share one TP=2 fixture; test_overfit still decodes greedily on the GPU.)
 MULTI="tp2 or data_parallel or context_parallel or model_parallel_matches or kv_cache or rows_do_not or eos_stops"
 timeout 240 python3 -m pytest -q -rfE -p no:cacheprovider --timeout 150 tests/modules tests/models \

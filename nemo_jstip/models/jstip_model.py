@@ -128,7 +128,8 @@ class JSTIPModel(ModelPT):
         first = ps.is_pipeline_first_stage()
         perception = SpeechPerception(self.cfg.perception) if first else None
         gpt = build_llm(self.llm_cfg, config=self._transformer_config())
-        self.stage = JSTIPStage(perception, gpt, self.llm_cfg.vocab_size)
+        # Megatron builds the GPT on the current GPU; the perception joins it, with or without a Trainer
+        self.stage = JSTIPStage(perception, gpt, self.llm_cfg.vocab_size).to(_compute_device())
         self._init_weights()
 
     def _init_weights(self) -> None:

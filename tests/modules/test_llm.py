@@ -12,12 +12,14 @@ TINY = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_head
 B, S = 2, 8
 
 
-def batch():
+def batch(model):
+    """Drawn on the CPU (the same numbers everywhere), placed where ``model`` lives (CPU, or its GPU)."""
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, TINY["vocab_size"], (B, S), generator=g)
     labels = torch.randint(0, TINY["vocab_size"], (B, S), generator=g)
     labels[:, :3] = -100  # e.g. speech positions: never targets
-    return ids, torch.arange(S).expand(B, S), labels
+    dev = next(model.parameters()).device
+    return ids.to(dev), torch.arange(S, device=dev).expand(B, S), labels.to(dev)
 
 
 @pytest.mark.skipif(te_available(), reason="Transformer Engine is installed")
@@ -46,7 +48,7 @@ def build_and_step(mode: str) -> dict:
     init_parallel()
     cfg = LLMConfig(**TINY, train_mode=mode)
     model = build_llm(cfg)
-    ids, pos, labels = batch()
+    ids, pos, labels = batch(model)
     emb = model.embedding(ids, pos).detach().requires_grad_()  # [s, b, h]: what the speech splice feeds
     logits = model(None, pos, None, decoder_input=emb)
     loss = token_loss(logits, labels, cfg.vocab_size)
@@ -90,7 +92,7 @@ def lora_zero_init() -> float:
     lora = build_llm(LLMConfig(**TINY, train_mode="lora"))
     base = build_llm(LLMConfig(**TINY, train_mode="frozen"))
     base.load_state_dict({k: v for k, v in lora.state_dict().items() if "lora_" not in k})
-    ids, pos, _ = batch()
+    ids, pos, _ = batch(lora)
     with torch.no_grad():
         return (lora(ids, pos, None) - base(ids, pos, None)).abs().max().item()
 
@@ -143,7 +145,7 @@ def tp_step(tp: int, mode: str, lora_full: dict | None):
                     p.copy_(0.1 * torch.randn(p.shape, generator=g))
                 else:
                     p.copy_(_rank_slice(name, lora_full[name], rank, tp))
-    ids, pos, labels = batch()
+    ids, pos, labels = batch(model)
     emb = model.embedding(ids, pos).detach().requires_grad_()
     loss = token_loss(model(None, pos, None, decoder_input=emb), labels, cfg.vocab_size)
     loss.sum().backward()
@@ -178,7 +180,7 @@ def bf16_dropout_step() -> dict:
     cfg = LLMConfig(**{**TINY, "params_dtype": "bfloat16", "train_mode": "lora", "lora_dropout": 0.1,
                        "attention_dropout": 0.1, "hidden_dropout": 0.1})
     model = build_llm(cfg)
-    ids, pos, labels = batch()
+    ids, pos, labels = batch(model)
     logits = model(ids, pos, None)
     loss = token_loss(logits, labels, cfg.vocab_size)
     loss.sum().backward()
@@ -204,7 +206,7 @@ def sdpa_vs_megatron() -> float:
                                 num_query_groups=2, vocab_size=100, layer_spec="local"))
     core = model.decoder.layers[0].self_attention.core_attention
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(12, 3, h, 8, generator=g) for h in (8, 2, 2))  # [s, b, heads, d]
+    q, k, v = (torch.randn(12, 3, h, 8, generator=g).to(next(model.parameters()).device) for h in (8, 2, 2))  # [s, b, heads, d]
     assert type(core).__name__ == "SDPADotProductAttention"
     return (core(q, k, v, None) - DotProductAttention.forward(core, q, k, v, None)).abs().max().item()
 
