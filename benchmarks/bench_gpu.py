@@ -221,7 +221,11 @@ def torch_profile(step, n: int, device, name: str) -> None:
     wall = (time.perf_counter() - t0) / n
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    busy = sum(getattr(e, key) for e in events) / n / 1e3
+    if device.type == "cuda":  # kernels only (an operator's self device time repeats its kernels')
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / n / 1e3
+    else:
+        busy = sum(e.self_cpu_time_total for e in events) / n / 1e3
     print(f"\n{name}: {n} steps under torch.profiler: {1e3 * wall:.1f} ms/step wall, {busy:.1f} ms/step of "
           f"{'kernels' if device.type == 'cuda' else 'CPU ops'}; top operators by {key}")
     print(events.table(sort_by=key, row_limit=30, max_name_column_width=70))

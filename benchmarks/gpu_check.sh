@@ -36,5 +36,6 @@ fi
 [ "$WHAT" = bench ] && exit 0
 # (test_generate's decoding tests share one TP=2 fixture; test_overfit still decodes greedily on the GPU.)
 MULTI="tp2 or data_parallel or context_parallel or model_parallel_matches or kv_cache or rows_do_not or eos_stops"
-timeout 240 python3 -m pytest -q -rfE -p no:cacheprovider --timeout 150 tests/modules tests/models \
+# SIGINT at the limit: pytest then still prints its failures and summary.
+timeout -s INT 240 python3 -m pytest -q -rfE -p no:cacheprovider --timeout 150 tests/modules tests/models \
   -k "not ($MULTI)" --deselect "tests/modules/test_hf_import.py::test_logit_parity_with_hf[2]" 2>&1 | tee "$OUT/pytest.log" | tail -40
