@@ -15,6 +15,8 @@ TINY_SIZES = {
     "qa_test": 6,
     "medical_textspeech": 3,
     "banking_textspeech": 3,
+    "medical_carrier": 3,
+    "banking_carrier": 3,
 }
 
 

@@ -52,6 +52,10 @@ class CorpusConfig:
             # TTS of the domain text with training voices: the "synthetic pairs" baseline (issue 6); off by default
             "medical_textspeech": 0,
             "banking_textspeech": 0,
+            # domain templates with generic values in the entity slots, spoken and added to general_train: the
+            # domain's everyday words are heard, its entities never (sentences.py, 'carrier')
+            "medical_carrier": 300,
+            "banking_carrier": 300,
         }
     )
     # Fractions of each entity pool per group (see sentences.GROUP_SPLITS); "shared" takes the rest.
@@ -205,6 +209,10 @@ class CorpusBuilder:
             if n > len(text_sents):
                 raise ValueError(f"sizes.{d}_textspeech={n} exceeds sizes.{d}_text={len(text_sents)}")
             plans[f"{d}_textspeech"] = (text_sents[:n], [{"domain": d}] * n, "train")
+        for i, d in enumerate(DOMAINS):  # own RNG: the other splits stay as they were without carriers
+            gen = SentenceGenerator(load_domain(d), self.partition[d], "carrier", np.random.default_rng([c.seed, 17, i]))
+            sents = gen.sample_unique(size.get(f"{d}_carrier", 0))
+            plans[f"{d}_carrier"] = (sents, [{"domain": "general", "carrier": d}] * len(sents), "train")
         items = load_domain("qa")["items"]
         n = size.get("qa_test", 0)
         qa = [items[i % len(items)] for i in range(n)]
@@ -236,11 +244,15 @@ class CorpusBuilder:
         ctx = mp.get_context("fork")
         with ctx.Pool(max(1, c.num_workers), initializer=_init_worker, maxtasksperchild=1) as pool:
             results = (r for chunk in pool.imap(_synthesize_chunk, chunks) for r in chunk)
+            cuts = {}
             for name, jobs in all_jobs.items():
                 sents, customs, _ = plans[name]
-                cuts = [_make_cut(j, *next(results), s, cu, c.sampling_rate) for j, s, cu in zip(jobs, sents, customs)]
-                CutSet.from_cuts(cuts).to_file(self.out / f"{name}_cuts.jsonl")
-                stats[name] = _split_stats(sents, sum(cut.duration for cut in cuts))
+                cuts[name] = [_make_cut(j, *next(results), s, cu, c.sampling_rate) for j, s, cu in zip(jobs, sents, customs)]
+                stats[name] = _split_stats(sents, sum(cut.duration for cut in cuts[name]))
+        for name in [n for n in cuts if n.endswith("_carrier")]:  # carriers are part of the general ASR data
+            cuts.setdefault("general_train", []).extend(cuts.pop(name))
+        for name, split in cuts.items():
+            CutSet.from_cuts(split).to_file(self.out / f"{name}_cuts.jsonl")
         for d in DOMAINS:
             sents = plans[f"{d}_text"][0]
             (self.out / f"{d}_text.txt").write_text("".join(s.text + "\n" for s in sents))

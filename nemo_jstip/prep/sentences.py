@@ -4,6 +4,10 @@ A template mixes literal words, `<filler>` slots (free word lists) and `{entity_
 partitioned once per seed into groups, and each split draws from its own groups, so domain text, dev and test
 overlap as a real domain would: some entities everywhere, some only in text and test (seen in text only),
 some only in test (seen nowhere), some only in dev.
+
+The 'carrier' split fills every entity slot from the domain's `generic` lists instead (the tablets, my bank, ten
+pounds): a domain's everyday words (patient, transfer, twice a day) occur in broad general speech, its entities do
+not. Such sentences join the general ASR data and carry no entity annotations.
 """
 
 from __future__ import annotations
@@ -95,14 +99,20 @@ class _Deck:
 
 
 class SentenceGenerator:
-    """Sentences of one domain for one split ('train', 'text', 'dev' or 'test')."""
+    """Sentences of one domain for one split ('train', 'text', 'dev', 'test' or 'carrier')."""
 
     def __init__(self, domain: dict, partition: dict, split: str, rng: np.random.Generator):
         self.domain, self.rng = domain, rng
         self.templates = domain["templates"]
+        self.carrier = split == "carrier"
         self.decks = {}
         for etype, groups in partition.items():
-            values = [e for g, members in groups.items() if split in GROUP_SPLITS[g] for e in members]
+            if self.carrier:
+                if etype not in domain.get("generic", {}):
+                    raise ValueError(f"carrier sentences need generic values for entity type {etype!r}")
+                values = domain["generic"][etype]
+            else:
+                values = [e for g, members in groups.items() if split in GROUP_SPLITS[g] for e in members]
             self.decks[etype] = _Deck(values, rng)
         self.template_deck = _Deck(list(range(len(self.templates))), rng)
 
@@ -121,7 +131,9 @@ class SentenceGenerator:
             elif part.startswith("{"):
                 etype = part[1:-1]
                 words = self.decks[etype].draw().split()
-                s.entities.append({"text": " ".join(words), "type": etype, "start": len(s.words), "end": len(s.words) + len(words)})
+                if not self.carrier:
+                    s.entities.append({"text": " ".join(words), "type": etype, "start": len(s.words),
+                                       "end": len(s.words) + len(words)})
                 s.words += words
             else:
                 s.words += part.split()

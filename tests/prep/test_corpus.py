@@ -10,7 +10,7 @@ from nemo_jstip.prep.corpus import CorpusConfig, build_corpus, is_complete, main
 from nemo_jstip.prep.sentences import spoken_number
 from tests.conftest import TINY_SIZES, tiny_corpus_config
 
-SPOKEN = [k for k, v in TINY_SIZES.items() if v and not k.endswith("_text")]
+SPOKEN = [k for k, v in TINY_SIZES.items() if v and not k.endswith(("_text", "_carrier"))]  # carriers: in general_train
 
 
 def load(corpus: Path, name: str) -> CutSet:
@@ -25,7 +25,8 @@ def digest(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("name", SPOKEN)
 def test_manifests_load_and_audio_matches(tiny_corpus, name):
     cuts = load(tiny_corpus, name)
-    assert len(cuts) == TINY_SIZES[name]
+    carriers = sum(v for k, v in TINY_SIZES.items() if k.endswith("_carrier")) if name == "general_train" else 0
+    assert len(cuts) == TINY_SIZES[name] + carriers
     for cut in cuts:
         audio = cut.load_audio()
         assert audio.shape == (1, cut.num_samples) and cut.sampling_rate == 16000
@@ -89,6 +90,21 @@ def test_entity_overlap_between_text_dev_and_test(tiny_corpus):
     general = " " + " ".join(c.supervisions[0].text for c in load(tiny_corpus, "general_train")) + " "
     every_entity = {e for d in partition.values() for groups in d.values() for g in groups.values() for e in g}
     assert not [e for e in every_entity if f" {e} " in general], "general ASR data must not contain domain entities"
+
+
+def test_general_speech_carries_domain_words_but_no_entities(tiny_corpus):
+    """Carrier sentences: domain templates with generic slot values, in general_train, without entity labels."""
+    from nemo_jstip.prep.sentences import load_domain
+
+    train = load(tiny_corpus, "general_train")
+    for d in ("medical", "banking"):
+        carriers = [c.supervisions[0] for c in train if c.supervisions[0].custom.get("carrier") == d]
+        assert len(carriers) == TINY_SIZES[f"{d}_carrier"]
+        generic = {w for values in load_domain(d)["generic"].values() for v in values for w in v.split()}
+        for sup in carriers:
+            assert sup.custom["domain"] == "general" and sup.custom["entities"] == []
+            assert generic & set(sup.text.split()), sup.text  # a generic value fills an entity slot
+    assert sum(c.supervisions[0].custom.get("carrier") is None for c in train) == TINY_SIZES["general_train"]
 
 
 def test_sentences_of_splits_are_distinct(tiny_corpus):
