@@ -113,8 +113,10 @@ def logit_parity(tp: int) -> dict:
         cfg = LLMConfig.from_hf(hf.config, layer_spec="local")
         model = build_llm(cfg).eval()
         load_hf_weights(model, hf, cfg)
+        dev = next(model.parameters()).device  # Megatron builds on the GPU when there is one; HF stays on the CPU
         with torch.no_grad():
-            diffs[kind] = (gather_logits(model(ids, pos, None), VOCAB) - hf(ids).logits).abs().max().item()
+            ours = gather_logits(model(ids.to(dev), pos.to(dev), None), VOCAB).cpu()
+            diffs[kind] = (ours - hf(ids).logits).abs().max().item()
     return diffs
 
 
