@@ -256,10 +256,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(shlex.join(cmd))
         return
     t0 = time.time()
-    for made, cmd in prep:
-        if not (ROOT / made).exists():
-            print(f"prep: {shlex.join(cmd)}", flush=True)
-            print(f"prep took {_run(cmd, out / 'prep.log') / 60:.1f} min", flush=True)
+    def prep_one(item) -> None:  # independent of each other: they run side by side (--jobs)
+        made, cmd = item
+        print(f"prep: {shlex.join(cmd)}", flush=True)
+        log = out / f"prep_{cmd[2].rsplit('.', 1)[-1]}.log"
+        print(f"prep {cmd[2]} took {_run(cmd, log) / 60:.1f} min", flush=True)
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        list(pool.map(prep_one, [(made, cmd) for made, cmd in prep if not (ROOT / made).exists()]))
 
     def one(run) -> str | None:
         s, seed, cmds = run
