@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["nemo_jstip", "nemo_jstip.*"]),
-    package_data={"nemo_jstip.prep": ["wordlists/*.yaml"]},
+    package_data={"nemo_jstip.prep": ["wordlists/*.yaml", "wordlists/*.txt"]},
     python_requires=">=3.12",
     install_requires=[
         "nemo_toolkit[asr]>=3.0.0,<3.1",

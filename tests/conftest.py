@@ -17,6 +17,7 @@ TINY_SIZES = {
     "banking_textspeech": 3,
     "medical_carrier": 3,
     "banking_carrier": 3,
+    "general_words": 4,
 }
 
 

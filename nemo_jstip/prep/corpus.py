@@ -27,7 +27,15 @@ import soundfile as sf
 from omegaconf import OmegaConf
 from scipy.signal import resample_poly
 
-from nemo_jstip.prep.sentences import GROUP_SPLITS, Sentence, SentenceGenerator, load_domain, partition_entities
+from nemo_jstip.prep.sentences import (
+    GROUP_SPLITS,
+    Sentence,
+    SentenceGenerator,
+    common_words,
+    load_domain,
+    partition_entities,
+    word_sequences,
+)
 
 DOMAINS = ("medical", "banking")
 ACCENTS = ["en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
@@ -56,6 +64,8 @@ class CorpusConfig:
             # domain's everyday words are heard, its entities never (sentences.py, 'carrier')
             "medical_carrier": 300,
             "banking_carrier": 300,
+            # sequences of 4-10 common English words (no word of any entity), added to general_train: breadth
+            "general_words": 2000,
         }
     )
     # Fractions of each entity pool per group (see sentences.GROUP_SPLITS); "shared" takes the rest.
@@ -86,6 +96,7 @@ class _Job:
     gain: float
     noise_seed: int
     path: str
+    skippable: bool = False  # word sequences: one espeak-ng cannot time is dropped (counted), not fatal
 
 
 _ESPEAK = None
@@ -119,8 +130,18 @@ def _synthesize(job: _Job, sampling_rate: int) -> tuple[int, list[tuple[float, f
 
 
 def _synthesize_chunk(args):
+    from nemo_jstip.prep.espeak import EspeakError
+
     jobs, sampling_rate = args
-    return [_synthesize(j, sampling_rate) for j in jobs]
+    out = []
+    for j in jobs:
+        try:
+            out.append(_synthesize(j, sampling_rate))
+        except EspeakError as e:
+            if not j.skippable:
+                raise
+            out.append(str(e))
+    return out
 
 
 def _make_cut(job: _Job, num_samples: int, times, sentence: Sentence, custom: dict, sampling_rate: int):
@@ -174,6 +195,7 @@ class CorpusBuilder:
                     gain=float(rng.uniform(0.3, 0.9)),
                     noise_seed=int(rng.integers(2**31)),
                     path=str(self.out / "audio" / name / f"{cut_id}.flac"),
+                    skippable=name == "general_words",
                 )
             )
         return jobs
@@ -213,6 +235,11 @@ class CorpusBuilder:
             gen = SentenceGenerator(load_domain(d), self.partition[d], "carrier", np.random.default_rng([c.seed, 17, i]))
             sents = gen.sample_unique(size.get(f"{d}_carrier", 0))
             plans[f"{d}_carrier"] = (sents, [{"domain": "general", "carrier": d}] * len(sents), "train")
+        entity_words = {w for part in self.partition.values() for groups in part.values() for values in groups.values()
+                        for e in values for w in e.split()}
+        words = [w for w in common_words() if w not in entity_words]
+        sents = word_sequences(words, size.get("general_words", 0), np.random.default_rng([c.seed, 19]))
+        plans["general_words"] = (sents, [{"domain": "general", "words": True}] * len(sents), "train")
         items = load_domain("qa")["items"]
         n = size.get("qa_test", 0)
         qa = [items[i % len(items)] for i in range(n)]
@@ -246,10 +273,22 @@ class CorpusBuilder:
             results = (r for chunk in pool.imap(_synthesize_chunk, chunks) for r in chunk)
             cuts = {}
             for name, jobs in all_jobs.items():
-                sents, customs, _ = plans[name]
-                cuts[name] = [_make_cut(j, *next(results), s, cu, c.sampling_rate) for j, s, cu in zip(jobs, sents, customs)]
-                stats[name] = _split_stats(sents, sum(cut.duration for cut in cuts[name]))
-        for name in [n for n in cuts if n.endswith("_carrier")]:  # carriers are part of the general ASR data
+                kept, cuts[name], skipped = [], [], []
+                for j, s, cu in zip(jobs, *plans[name][:2]):
+                    r = next(results)
+                    try:
+                        if isinstance(r, str):
+                            raise RuntimeError(r)
+                        cuts[name].append(_make_cut(j, *r, s, cu, c.sampling_rate))
+                        kept.append(s)
+                    except RuntimeError as e:  # EspeakError is one
+                        if not j.skippable:
+                            raise
+                        skipped.append(f"{j.cut_id} ({e})")
+                if skipped:
+                    print(f"{name}: skipped {len(skipped)} that espeak-ng could not time, e.g. {skipped[0]}")
+                stats[name] = _split_stats(kept, sum(cut.duration for cut in cuts[name])) | {"skipped": len(skipped)}
+        for name in [n for n in cuts if n.endswith("_carrier") or n == "general_words"]:  # general ASR data too
             cuts.setdefault("general_train", []).extend(cuts.pop(name))
         for name, split in cuts.items():
             CutSet.from_cuts(split).to_file(self.out / f"{name}_cuts.jsonl")
@@ -286,7 +325,7 @@ def config_hash(cfg: CorpusConfig) -> str:
     d = asdict(cfg)
     d.pop("num_workers")
     d["out_dir"] = str(Path(cfg.out_dir).resolve())  # absolute audio paths live in the manifests
-    d["wordlists"] = {p.name: p.read_text() for p in sorted((Path(__file__).parent / "wordlists").glob("*.yaml"))}
+    d["wordlists"] = {p.name: p.read_text() for p in sorted((Path(__file__).parent / "wordlists").glob("*.*"))}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

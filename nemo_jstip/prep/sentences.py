@@ -8,6 +8,10 @@ some only in test (seen nowhere), some only in dev.
 The 'carrier' split fills every entity slot from the domain's `generic` lists instead (the tablets, my bank, ten
 pounds): a domain's everyday words (patient, transfer, twice a day) occur in broad general speech, its entities do
 not. Such sentences join the general ASR data and carry no entity annotations.
+
+Word sequences (``word_sequences``) of common English words (wordlists/common_words.txt) give the general ASR data
+the breadth of a real corpus: thousands of words, so a model learns sounds-to-subwords rather than a closed
+vocabulary, and can meet an unheard entity with more than a guess among the words it was trained on.
 """
 
 from __future__ import annotations
@@ -51,6 +55,18 @@ def spoken_number(x: float) -> str:
 def load_domain(name: str) -> dict:
     with open(WORDLISTS / f"{name}.yaml", encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def common_words() -> list[str]:
+    """wordlists/common_words.txt: 4,000 common English words, most frequent first."""
+    lines = (WORDLISTS / "common_words.txt").read_text(encoding="utf-8").splitlines()
+    return [w for w in lines if w and not w.startswith("#")]
+
+
+def word_sequences(words: list[str], n: int, rng: np.random.Generator, lengths: tuple[int, int] = (4, 10)) -> list[Sentence]:
+    """``n`` sentences of ``lengths`` random words each, every word used before any repeats (read word lists)."""
+    deck = _Deck(words, rng)
+    return [Sentence([deck.draw() for _ in range(int(rng.integers(lengths[0], lengths[1] + 1)))]) for _ in range(n)]
 
 
 def _generated_pool(spec: dict) -> list[str]:

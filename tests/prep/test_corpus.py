@@ -10,7 +10,8 @@ from nemo_jstip.prep.corpus import CorpusConfig, build_corpus, is_complete, main
 from nemo_jstip.prep.sentences import spoken_number
 from tests.conftest import TINY_SIZES, tiny_corpus_config
 
-SPOKEN = [k for k, v in TINY_SIZES.items() if v and not k.endswith(("_text", "_carrier"))]  # carriers: in general_train
+GENERAL_PARTS = [k for k in TINY_SIZES if k.endswith("_carrier") or k == "general_words"]  # inside general_train
+SPOKEN = [k for k, v in TINY_SIZES.items() if v and not k.endswith("_text") and k not in GENERAL_PARTS]
 
 
 def load(corpus: Path, name: str) -> CutSet:
@@ -25,8 +26,8 @@ def digest(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("name", SPOKEN)
 def test_manifests_load_and_audio_matches(tiny_corpus, name):
     cuts = load(tiny_corpus, name)
-    carriers = sum(v for k, v in TINY_SIZES.items() if k.endswith("_carrier")) if name == "general_train" else 0
-    assert len(cuts) == TINY_SIZES[name] + carriers
+    extra = sum(TINY_SIZES[k] for k in GENERAL_PARTS) if name == "general_train" else 0
+    assert len(cuts) == TINY_SIZES[name] + extra
     for cut in cuts:
         audio = cut.load_audio()
         assert audio.shape == (1, cut.num_samples) and cut.sampling_rate == 16000
@@ -93,7 +94,8 @@ def test_entity_overlap_between_text_dev_and_test(tiny_corpus):
 
 
 def test_general_speech_carries_domain_words_but_no_entities(tiny_corpus):
-    """Carrier sentences: domain templates with generic slot values, in general_train, without entity labels."""
+    """Carrier sentences (domain templates with generic slot values) and common-word sequences are in general_train,
+    without entity labels (the test above checks that no entity is spoken there)."""
     from nemo_jstip.prep.sentences import load_domain
 
     train = load(tiny_corpus, "general_train")
@@ -104,7 +106,11 @@ def test_general_speech_carries_domain_words_but_no_entities(tiny_corpus):
         for sup in carriers:
             assert sup.custom["domain"] == "general" and sup.custom["entities"] == []
             assert generic & set(sup.text.split()), sup.text  # a generic value fills an entity slot
-    assert sum(c.supervisions[0].custom.get("carrier") is None for c in train) == TINY_SIZES["general_train"]
+    words = [c.supervisions[0] for c in train if c.supervisions[0].custom.get("words")]
+    assert len(words) == TINY_SIZES["general_words"]
+    assert all(s.custom["entities"] == [] and 4 <= len(s.text.split()) <= 10 for s in words)
+    plain = [c for c in train if c.supervisions[0].custom.get("carrier") is None and not c.supervisions[0].custom.get("words")]
+    assert len(plain) == TINY_SIZES["general_train"]
 
 
 def test_sentences_of_splits_are_distinct(tiny_corpus):
@@ -156,9 +162,25 @@ def test_same_seed_same_corpus_and_complete_folder_reused(tmp_path):
 
 
 def test_cli_overrides_and_table(tmp_path, capsys):
-    main([f"out_dir={tmp_path / 'd'}", "sizes.general_train=3", "sizes.medical_text=10", "sizes.qa_test=1", "num_workers=1"])
+    main([f"out_dir={tmp_path / 'd'}", "sizes.general_train=3", "sizes.medical_text=10", "sizes.qa_test=1", "num_workers=1",
+          "sizes.general_words=2", "sizes.medical_carrier=1", "sizes.banking_carrier=1"])
     out = capsys.readouterr().out
     assert "| general_train | 3 |" in out and (tmp_path / "d" / ".complete").exists()
+
+
+def test_word_sequence_espeak_cannot_time_is_skipped_not_fatal(tmp_path):
+    """A real espeak-ng failure (this voice merges the word events of this sequence): dropped when skippable."""
+    from nemo_jstip.prep import corpus
+    from nemo_jstip.prep.espeak import EspeakError
+
+    corpus._init_worker()
+    job = corpus._Job("w-0", ["humans", "par", "practice", "background"], "en-us-nyc", 160, 50, 30.0, (0.1, 0.1), 0.5,
+                      0, str(tmp_path / "w.flac"), skippable=True)
+    (out,) = corpus._synthesize_chunk(([job], 16000))
+    assert isinstance(out, str) and "out of order" in out
+    job.skippable = False
+    with pytest.raises(EspeakError, match="out of order"):
+        corpus._synthesize_chunk(([job], 16000))
 
 
 def test_spoken_numbers():
