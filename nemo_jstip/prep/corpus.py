@@ -32,6 +32,7 @@ from nemo_jstip.prep.sentences import (
     Sentence,
     SentenceGenerator,
     common_words,
+    domain_words,
     load_domain,
     partition_entities,
     word_sequences,
@@ -80,6 +81,7 @@ class CorpusConfig:
     pitch: list[int] = field(default_factory=lambda: [30, 70])
     snr_db: list[float] = field(default_factory=lambda: [20.0, 40.0])
     pad_s: list[float] = field(default_factory=lambda: [0.05, 0.35])  # silence before and after the speech
+    common_words: int = 4000  # how many of wordlists/common_words.txt the word sequences use (most frequent first)
     sampling_rate: int = 16000
     num_workers: int = 2
 
@@ -237,7 +239,9 @@ class CorpusBuilder:
             plans[f"{d}_carrier"] = (sents, [{"domain": "general", "carrier": d}] * len(sents), "train")
         entity_words = {w for part in self.partition.values() for groups in part.values() for values in groups.values()
                         for e in values for w in e.split()}
-        words = [w for w in common_words() if w not in entity_words]
+        # the domains' everyday words (templates, fillers) first, then the most common English words
+        everyday = [w for d in DOMAINS for w in domain_words(load_domain(d))]
+        words = [w for w in dict.fromkeys(everyday + common_words()[: c.common_words]) if w not in entity_words]
         sents = word_sequences(words, size.get("general_words", 0), np.random.default_rng([c.seed, 19]))
         plans["general_words"] = (sents, [{"domain": "general", "words": True}] * len(sents), "train")
         items = load_domain("qa")["items"]

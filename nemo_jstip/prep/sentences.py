@@ -63,6 +63,14 @@ def common_words() -> list[str]:
     return [w for w in lines if w and not w.startswith("#")]
 
 
+def domain_words(domain: dict) -> list[str]:
+    """The words a domain's sentences use outside entity slots: templates, prefixes/suffixes, fillers."""
+    parts = [t for t in domain["templates"] for t in _SLOT.split(t) if not t.startswith(("<", "{"))]
+    parts += domain.get("prefixes", []) + domain.get("suffixes", [])
+    parts += [v for values in domain.get("fillers", {}).values() for v in values]
+    return list(dict.fromkeys(w for p in parts for w in p.split()))
+
+
 def word_sequences(words: list[str], n: int, rng: np.random.Generator, lengths: tuple[int, int] = (4, 10)) -> list[Sentence]:
     """``n`` sentences of ``lengths`` random words each, every word used before any repeats (read word lists)."""
     deck = _Deck(words, rng)

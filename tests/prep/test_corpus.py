@@ -183,6 +183,14 @@ def test_word_sequence_espeak_cannot_time_is_skipped_not_fatal(tmp_path):
         corpus._synthesize_chunk(([job], 16000))
 
 
+def test_domain_words_are_the_everyday_words():
+    from nemo_jstip.prep.sentences import domain_words, load_domain
+
+    words = domain_words(load_domain("medical"))
+    assert {"patient", "prescribed", "twice", "nausea"} <= set(words)  # template words and fillers
+    assert not {w for w in words if w.startswith(("<", "{"))} and "metformin" not in words and len(set(words)) == len(words)
+
+
 def test_spoken_numbers():
     assert spoken_number(20) == "twenty"
     assert spoken_number(2.5) == "two point five"
