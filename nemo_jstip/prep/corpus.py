@@ -61,12 +61,13 @@ class CorpusConfig:
             # TTS of the domain text with training voices: the "synthetic pairs" baseline (issue 6); off by default
             "medical_textspeech": 0,
             "banking_textspeech": 0,
-            # domain templates with generic values in the entity slots, spoken and added to general_train: the
-            # domain's everyday words are heard, its entities never (sentences.py, 'carrier')
-            "medical_carrier": 300,
-            "banking_carrier": 300,
-            # sequences of 4-10 common English words (no word of any entity), added to general_train: breadth
+            # sequences of 4-10 words (the domains' everyday words + common English words, no word of any entity),
+            # added to general_train: the breadth of a real ASR corpus (docs/corpus.md)
             "general_words": 2000,
+            # domain templates with generic values in the entity slots, added to general_train (sentences.py,
+            # 'carrier'); off: they teach "entity slot -> generic value" (docs/results.md, session 4)
+            "medical_carrier": 0,
+            "banking_carrier": 0,
         }
     )
     # Fractions of each entity pool per group (see sentences.GROUP_SPLITS); "shared" takes the rest.
@@ -81,9 +82,13 @@ class CorpusConfig:
     pitch: list[int] = field(default_factory=lambda: [30, 70])
     snr_db: list[float] = field(default_factory=lambda: [20.0, 40.0])
     pad_s: list[float] = field(default_factory=lambda: [0.05, 0.35])  # silence before and after the speech
-    common_words: int = 4000  # how many of wordlists/common_words.txt the word sequences use (most frequent first)
+    common_words: int = 1000  # how many of wordlists/common_words.txt the word sequences use (most frequent first)
     sampling_rate: int = 16000
     num_workers: int = 2
+
+
+# Bumped when the generator's logic changes what a config produces: an older folder is then rebuilt, not reused.
+CORPUS_VERSION = 2  # 2: general_train gains word sequences (and optional carriers)
 
 
 @dataclass
@@ -237,12 +242,14 @@ class CorpusBuilder:
             gen = SentenceGenerator(load_domain(d), self.partition[d], "carrier", np.random.default_rng([c.seed, 17, i]))
             sents = gen.sample_unique(size.get(f"{d}_carrier", 0))
             plans[f"{d}_carrier"] = (sents, [{"domain": "general", "carrier": d}] * len(sents), "train")
-        entity_words = {w for part in self.partition.values() for groups in part.values() for values in groups.values()
-                        for e in values for w in e.split()}
-        # the domains' everyday words (templates, fillers) first, then the most common English words
+        # the domains' everyday words and the most common English words: common words inside entities ("two",
+        # "hundred", "account") are heard as in any real corpus; entities themselves never are
+        entities = {e for part in self.partition.values() for groups in part.values() for values in groups.values()
+                    for e in values}
         everyday = [w for d in DOMAINS for w in domain_words(load_domain(d))]
-        words = [w for w in dict.fromkeys(everyday + common_words()[: c.common_words]) if w not in entity_words]
-        sents = word_sequences(words, size.get("general_words", 0), np.random.default_rng([c.seed, 19]))
+        words = [w for w in dict.fromkeys(everyday + common_words()[: c.common_words]) if w not in entities]
+        sents = word_sequences(words, size.get("general_words", 0), np.random.default_rng([c.seed, 19]),
+                               forbidden={e for e in entities if " " in e})
         plans["general_words"] = (sents, [{"domain": "general", "words": True}] * len(sents), "train")
         items = load_domain("qa")["items"]
         n = size.get("qa_test", 0)
@@ -329,6 +336,7 @@ def config_hash(cfg: CorpusConfig) -> str:
     d = asdict(cfg)
     d.pop("num_workers")
     d["out_dir"] = str(Path(cfg.out_dir).resolve())  # absolute audio paths live in the manifests
+    d["version"] = CORPUS_VERSION
     d["wordlists"] = {p.name: p.read_text() for p in sorted((Path(__file__).parent / "wordlists").glob("*.*"))}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 

@@ -71,10 +71,16 @@ def domain_words(domain: dict) -> list[str]:
     return list(dict.fromkeys(w for p in parts for w in p.split()))
 
 
-def word_sequences(words: list[str], n: int, rng: np.random.Generator, lengths: tuple[int, int] = (4, 10)) -> list[Sentence]:
-    """``n`` sentences of ``lengths`` random words each, every word used before any repeats (read word lists)."""
-    deck = _Deck(words, rng)
-    return [Sentence([deck.draw() for _ in range(int(rng.integers(lengths[0], lengths[1] + 1)))]) for _ in range(n)]
+def word_sequences(words: list[str], n: int, rng: np.random.Generator, lengths: tuple[int, int] = (4, 10),
+                   forbidden: set[str] = frozenset()) -> list[Sentence]:
+    """``n`` sentences of ``lengths`` random words each, every word used before any repeats (read word lists); a
+    sentence that happens to contain a ``forbidden`` phrase is drawn again."""
+    deck, out = _Deck(words, rng), []
+    while len(out) < n:
+        s = Sentence([deck.draw() for _ in range(int(rng.integers(lengths[0], lengths[1] + 1)))])
+        if not any(f" {p} " in f" {s.text} " for p in forbidden):
+            out.append(s)
+    return out
 
 
 def _generated_pool(spec: dict) -> list[str]:

@@ -191,6 +191,16 @@ def test_domain_words_are_the_everyday_words():
     assert not {w for w in words if w.startswith(("<", "{"))} and "metformin" not in words and len(set(words)) == len(words)
 
 
+def test_word_sequences_cover_the_list_and_avoid_forbidden_phrases():
+    from nemo_jstip.prep.sentences import word_sequences
+
+    words = ["two", "hundred", "units", "red", "blue", "green"]
+    sents = word_sequences(words, 200, np.random.default_rng(0), lengths=(2, 4), forbidden={"two hundred units", "red blue"})
+    texts = [" " + s.text + " " for s in sents]
+    assert len(sents) == 200 and {w for s in sents for w in s.words} == set(words)
+    assert not [t for t in texts if " two hundred units " in t or " red blue " in t]
+
+
 def test_spoken_numbers():
     assert spoken_number(20) == "twenty"
     assert spoken_number(2.5) == "two point five"
