@@ -61,7 +61,7 @@ class CorpusConfig:
             # TTS of the domain text with training voices: the "synthetic pairs" baseline (issue 6); off by default
             "medical_textspeech": 0,
             "banking_textspeech": 0,
-            # sequences of 4-10 words (the domains' everyday words + common English words, no word of any entity),
+            # sequences of 4-10 words (the domains' everyday words + common English words, never an entity),
             # added to general_train: the breadth of a real ASR corpus (docs/corpus.md)
             "general_words": 2000,
             # domain templates with generic values in the entity slots, added to general_train (sentences.py,
