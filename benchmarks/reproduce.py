@@ -49,15 +49,18 @@ def run_name(system: str, seed: int, tag: str = "") -> str:
     return f"{system}{'_' + tag if tag else ''}_s{seed}"
 
 
-def prep_commands(systems: list[str], llm_dir: str, encoder: str) -> list[tuple[str, list[str]]]:
-    """(what it makes, command) for the shared inputs: the pretrained LLM and speech encoder, the TTS corpus for
-    jstip_synthetic."""
-    cmds = [(f"{llm_dir}/model.safetensors",
+def prep_commands(systems: list[str], llm_dir: str, encoder: str) -> list[list[tuple[str | None, list[str]]]]:
+    """(what it makes, command) for the shared inputs, in stages (a stage's commands run side by side, after the
+    stage before): the corpus (always run: it reuses a complete, current folder in a second), its tokenizer, then
+    the pretrained LLM, the speech encoder and, for jstip_synthetic, the TTS corpus."""
+    last = [(f"{llm_dir}/model.safetensors",
              [PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}", f"out_dir={llm_dir}"]),
             (encoder, [PY, "-m", "nemo_jstip.prep.pretrain_encoder", f"corpus_dir={CORPUS}", f"out={encoder}"])]
     if "jstip_synthetic" in systems:
-        cmds.append((f"{TTS_CORPUS}/.complete", [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
-    return cmds
+        last.append((f"{TTS_CORPUS}/.complete", [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
+    return [[(None, [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={CORPUS}"])],
+            [(f"{CORPUS}/tokenizer/tokenizer.json", [PY, "-m", "nemo_jstip.prep.tokenizer", f"corpus_dir={CORPUS}"])],
+            last]
 
 
 def run_commands(system: str, seed: int, out: Path, steps: int | None, extra: list[str], tag: str = "",
@@ -249,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits)) for seed in seeds for s in systems]
     prep = prep_commands(systems, a.llm, a.encoder)
     if a.dry_run:
-        for made, cmd in prep:
-            print(f"# unless {made} exists\n{shlex.join(cmd)}")
+        for made, cmd in (item for stage in prep for item in stage):
+            print(f"# unless {made} exists\n{shlex.join(cmd)}" if made else shlex.join(cmd))
         for s, seed, cmds in runs:
             for cmd in cmds.values():
                 print(shlex.join(cmd))
@@ -262,8 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         log = out / f"prep_{cmd[2].rsplit('.', 1)[-1]}.log"
         print(f"prep {cmd[2]} took {_run(cmd, log) / 60:.1f} min", flush=True)
 
-    with ThreadPoolExecutor(a.jobs) as pool:
-        list(pool.map(prep_one, [(made, cmd) for made, cmd in prep if not (ROOT / made).exists()]))
+    for stage in prep:
+        with ThreadPoolExecutor(a.jobs) as pool:
+            list(pool.map(prep_one, [(made, cmd) for made, cmd in stage if not (made and (ROOT / made).exists())]))
 
     def one(run) -> str | None:
         s, seed, cmds = run

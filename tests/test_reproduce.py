@@ -67,8 +67,9 @@ def test_dry_run_lists_every_command(capsys):
     reproduce.main(["--dry-run", "--seeds", "2", "--systems", "asr_only,jstip_synthetic", "--steps", "7"])
     lines = capsys.readouterr().out.splitlines()
     cmds = [line for line in lines if not line.startswith("#")]
-    assert "nemo_jstip.prep.pretrain_llm" in cmds[0] and "nemo_jstip.prep.pretrain_encoder" in cmds[1]
-    assert "sizes.medical_textspeech" in cmds[2]
+    assert "nemo_jstip.prep.corpus out_dir=data/demo_corpus" in cmds[0] and "nemo_jstip.prep.tokenizer" in cmds[1]
+    assert "nemo_jstip.prep.pretrain_llm" in cmds[2] and "nemo_jstip.prep.pretrain_encoder" in cmds[3]
+    assert "sizes.medical_textspeech" in cmds[4]
     train = [c for c in cmds if "jstip_train.py" in c]
     evals = [c for c in cmds if "jstip_eval.py" in c]
     assert len(train) == 4 and len(evals) == 8  # 2 systems x 2 seeds, each evaluated on dev and test
