@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(shlex.join(cmd))
         return
     t0 = time.time()
-    def prep_one(item) -> None:  # independent of each other: they run side by side (--jobs)
+
+    def prep_one(item) -> None:  # a stage's commands are independent: they run side by side (--jobs)
         made, cmd = item
         print(f"prep: {shlex.join(cmd)}", flush=True)
         log = out / f"prep_{cmd[2].rsplit('.', 1)[-1]}.log"
