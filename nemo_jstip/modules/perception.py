@@ -16,6 +16,7 @@ Config (keys 1:1 with the code)::
               num_layers: 2, num_heads: null}   # num_layers / num_heads: transformer only
     freeze_encoder: false
     freeze_adapter: false
+    encoder_cache_mb: 0            # > 0: memoise the frozen encoder's outputs (see SpeechPerception.encode)
 
 Precision: the module runs under ``torch.autocast("cuda", dtype=torch.bfloat16)`` (the preprocessor disables
 autocast itself and computes features in fp32). Only the LLM's Transformer Engine layers run FP8; the encoder and
@@ -30,7 +31,9 @@ safe loader, members outside the extraction folder refused).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import logging
 import os
 import tarfile
 import tempfile
@@ -46,6 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nemo_jstip.data.frames import FrameSpec
+
+log = logging.getLogger(__name__)
 
 # The only classes a config section may name; we build them directly, never from the string.
 _CLASSES = {
@@ -166,6 +171,9 @@ class SpeechPerception(nn.Module):
         adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
         self.adapter = FrameStackAdapter(input_size=self.encoder.d_model, **adapter)
         self.frame_spec = FrameSpec.from_config(cfg)
+        self.cache_bytes = int(cfg.get("encoder_cache_mb", 0) or 0) * 2**20
+        self.cache: dict[bytes, torch.Tensor] = {}
+        self.cache_stats = {"hits": 0, "misses": 0, "full": 0}
         self.set_frozen(encoder=cfg.get("freeze_encoder", False), adapter=cfg.get("freeze_adapter", False))
 
     @property
@@ -178,9 +186,17 @@ class SpeechPerception(nn.Module):
         Frozen parts also stay in eval mode (see :meth:`train`) and the frozen encoder runs without autograd.
         """
         self.freeze_encoder, self.freeze_adapter = bool(encoder), bool(adapter)
+        if self.cache_bytes and (not self.freeze_encoder or self.spec_augmentation is not None):
+            raise ValueError("perception.encoder_cache_mb > 0 memoises the encoder's outputs, which is exact only for "
+                             "a frozen encoder without spec_augment: set freeze_encoder: true and spec_augment: null, "
+                             "or encoder_cache_mb: 0")
         for module, frozen in ((self.encoder, encoder), (self.adapter, adapter)):
             module.requires_grad_(not frozen)
+        self.clear_cache()
         self.train(self.training)
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
 
     def train(self, mode: bool = True):
         """Keep frozen parts in eval mode: otherwise the Conformer's BatchNorm running statistics drift and dropout
@@ -188,6 +204,8 @@ class SpeechPerception(nn.Module):
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()
+        if self.cache_bytes:  # deterministic features (no dither), so a memoised output equals a recomputed one
+            self.preprocessor.eval()
         if self.freeze_adapter:
             self.adapter.eval()
         return self
@@ -197,13 +215,56 @@ class SpeechPerception(nn.Module):
 
         T' = max(frame_lens) and frame_lens == ``self.frame_spec.num_frames_batch(audio_lens)``.
         """
-        audio_lens = audio_lens.long()
+        enc, enc_lens = self.encode(audio, audio_lens.long())
+        return self.adapter(enc, enc_lens)
+
+    def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mel, mel_lens = self.preprocessor(input_signal=audio.float(), length=audio_lens)
         if self.spec_augmentation is not None and self.training:
             mel = self.spec_augmentation(input_spec=mel, length=mel_lens)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             enc, enc_lens = self.encoder(audio_signal=mel, length=mel_lens)
-        return self.adapter(enc.transpose(1, 2), enc_lens)
+        return enc.transpose(1, 2), enc_lens
+
+    def encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessor + encoder: [B, T_enc, d_model] (zero past each length), lengths [B].
+
+        With ``encoder_cache_mb`` > 0 (frozen encoder only), outputs are memoised by the exact waveform (a digest of
+        its samples, so no cut id or manifest can alias two recordings): a frozen encoder computes the same frames
+        for the same audio in every epoch, and on a CPU it is most of a training step. Misses are encoded together;
+        valid frames do not depend on the batch they are encoded in (NeMo masks padding). New entries stop, with
+        one warning, once the cache holds ``encoder_cache_mb`` MiB.
+        """
+        if not self.cache_bytes:
+            return self._encode(audio, audio_lens)
+        lens = audio_lens.tolist()
+        wave = audio.detach().float().cpu().numpy()
+        keys = [hashlib.blake2b(wave[i, :n].tobytes(), digest_size=16).digest() for i, n in enumerate(lens)]
+        miss = [i for i, k in enumerate(keys) if k not in self.cache]
+        got = {}
+        if miss:
+            idx = torch.tensor(miss, device=audio.device)
+            enc, enc_lens = self._encode(audio[idx, : max(lens[i] for i in miss)], audio_lens[idx])
+            for j, i in enumerate(miss):
+                got[keys[i]] = enc[j, : int(enc_lens[j])].detach().clone()
+            used = sum(t.nbytes for t in self.cache.values())
+            for k, t in got.items():
+                if used + t.nbytes > self.cache_bytes:
+                    if not self.cache_stats["full"]:
+                        log.warning("encoder cache full (%d MiB, %d entries): further outputs are recomputed",
+                                    self.cache_bytes >> 20, len(self.cache))
+                    self.cache_stats["full"] += 1
+                    continue
+                self.cache[k], used = t, used + t.nbytes
+        self.cache_stats["hits"] += len(keys) - len(miss)
+        self.cache_stats["misses"] += len(miss)
+        seqs = [got.get(k, self.cache.get(k)) for k in keys]
+        out = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        return out, torch.tensor([len(t) for t in seqs], dtype=torch.long, device=out.device)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.clear_cache()  # new weights: memoised outputs are stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def flat_frames(frames: torch.Tensor, frame_lens: torch.Tensor) -> torch.Tensor:
@@ -256,6 +317,7 @@ class SpeechPerception(nn.Module):
             if name == "encoder" and not sub:
                 raise NemoCheckpointError(f"{path} has no encoder.* weights")
             if sub:  # older checkpoints store no preprocessor buffers: keep ours (rebuilt from the same config)
+                self.clear_cache()
                 result = module.load_state_dict(sub, strict=strict)
                 missing += [f"{name}.{k}" for k in result.missing_keys]
                 unexpected += [f"{name}.{k}" for k in result.unexpected_keys]

@@ -108,6 +108,42 @@ def test_gradients_and_freeze_flags(type):
     assert not any(p.requires_grad for p in m.adapter.parameters())
 
 
+def test_encoder_cache_is_exact_and_skips_the_encoder():
+    torch.manual_seed(0)
+    cfg = _config("mlp", freeze_encoder=True, encoder_cache_mb=1)
+    ref, m = SpeechPerception(cfg), SpeechPerception(cfg)
+    m.load_state_dict(ref.state_dict())
+    m.encoder.eval(), ref.encoder.eval()
+    calls = []
+    m.encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0] if args else 1))
+    a, b, c = torch.randn(SR), torch.randn(9000), torch.randn(5000)
+    pad = lambda *w: (torch.nn.utils.rnn.pad_sequence(list(w), batch_first=True), torch.tensor([len(x) for x in w]))
+    m.train()
+    assert not m.preprocessor.training  # cached features are deterministic (no dither)
+    first, _ = m(*pad(a, b))
+    assert calls and m.cache_stats == {"hits": 0, "misses": 2, "full": 0}
+    calls.clear()
+    out, lens = m(*pad(c, b, a))  # two hits in other rows and another padding, one miss
+    assert len(calls) == 1 and m.cache_stats["hits"] == 2 and m.cache_stats["misses"] == 3
+    with torch.no_grad():
+        ref.preprocessor.eval()
+        want, want_lens = ref.adapter(*ref._encode(*pad(c, b, a)))
+    assert lens.tolist() == want_lens.tolist() == m.frame_spec.num_frames_batch(pad(c, b, a)[1]).tolist()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()  # the adapter still trains on memoised frames
+    assert all(p.grad is not None for p in m.adapter.parameters())
+
+    m.load_state_dict(ref.state_dict())  # new weights: stale entries go
+    assert not m.cache
+    tiny = SpeechPerception(_config("mlp", freeze_encoder=True, encoder_cache_mb=1))
+    tiny.cache_bytes = 64  # room for nothing: outputs are recomputed, never wrong
+    tiny(*pad(a, b)), tiny(*pad(a, b))
+    assert not tiny.cache and tiny.cache_stats["full"] == 4 and tiny.cache_stats["hits"] == 0
+    for bad in (dict(freeze_encoder=False), dict(freeze_encoder=True, spec_augment=dict(freq_masks=2))):
+        with pytest.raises(ValueError, match="encoder_cache_mb"):
+            SpeechPerception(_config("mlp", encoder_cache_mb=1, **bad))
+
+
 def test_spec_augment_is_a_training_only_switch():
     calls = []
     assert SpeechPerception(_config()).spec_augmentation is None  # default off
