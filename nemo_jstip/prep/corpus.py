@@ -63,7 +63,7 @@ class CorpusConfig:
             "banking_textspeech": 0,
             # sequences of 4-10 words (the domains' everyday words + common English words, never an entity),
             # added to general_train: the breadth of a real ASR corpus (docs/corpus.md)
-            "general_words": 2000,
+            "general_words": 10000,
             # domain templates with generic values in the entity slots, added to general_train (sentences.py,
             # 'carrier'); off: they teach "entity slot -> generic value" (docs/results.md, session 4)
             "medical_carrier": 0,
