@@ -56,8 +56,8 @@ def prep_commands(systems: list[str], llm_dir: str, encoder: str) -> list[list[t
     last = [(f"{llm_dir}/model.safetensors",
              [PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}", f"out_dir={llm_dir}"]),
             (encoder, [PY, "-m", "nemo_jstip.prep.pretrain_encoder", f"corpus_dir={CORPUS}", f"out={encoder}"])]
-    if "jstip_synthetic" in systems:
-        last.append((f"{TTS_CORPUS}/.complete", [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
+    if "jstip_synthetic" in systems:  # always run, like the corpus: rebuilt when the corpus defaults change
+        last.append((None, [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
     return [[(None, [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={CORPUS}"])],
             [(f"{CORPUS}/tokenizer/tokenizer.json", [PY, "-m", "nemo_jstip.prep.tokenizer", f"corpus_dir={CORPUS}"])],
             last]
