@@ -173,6 +173,7 @@ class SpeechPerception(nn.Module):
         self.frame_spec = FrameSpec.from_config(cfg)
         self.cache_bytes = int(cfg.get("encoder_cache_mb", 0) or 0) * 2**20
         self.cache: dict[bytes, torch.Tensor] = {}
+        self.cache_nbytes = 0
         self.cache_stats = {"hits": 0, "misses": 0, "full": 0}
         self.set_frozen(encoder=cfg.get("freeze_encoder", False), adapter=cfg.get("freeze_adapter", False))
 
@@ -197,6 +198,7 @@ class SpeechPerception(nn.Module):
 
     def clear_cache(self) -> None:
         self.cache.clear()
+        self.cache_nbytes = 0
 
     def train(self, mode: bool = True):
         """Keep frozen parts in eval mode: otherwise the Conformer's BatchNorm running statistics drift and dropout
@@ -247,15 +249,15 @@ class SpeechPerception(nn.Module):
             enc, enc_lens = self._encode(audio[idx, : max(lens[i] for i in miss)], audio_lens[idx])
             for j, i in enumerate(miss):
                 got[keys[i]] = enc[j, : int(enc_lens[j])].detach().clone()
-            used = sum(t.nbytes for t in self.cache.values())
             for k, t in got.items():
-                if used + t.nbytes > self.cache_bytes:
+                if self.cache_nbytes + t.nbytes > self.cache_bytes:
                     if not self.cache_stats["full"]:
                         log.warning("encoder cache full (%d MiB, %d entries): further outputs are recomputed",
                                     self.cache_bytes >> 20, len(self.cache))
                     self.cache_stats["full"] += 1
                     continue
-                self.cache[k], used = t, used + t.nbytes
+                self.cache[k] = t
+                self.cache_nbytes += t.nbytes
         self.cache_stats["hits"] += len(keys) - len(miss)
         self.cache_stats["misses"] += len(miss)
         seqs = [got.get(k, self.cache.get(k)) for k in keys]
