@@ -32,7 +32,7 @@ class EncoderPretrainConfig:
     recipe: str = "jstip_repro"  # a config under conf/: its model.perception preprocessor/encoder are trained
     seed: int = 0
     threads: int = 2
-    steps: int = 4000  # ~6 epochs of the 11 h general_train, ~30 min on 2 cores; dev WER/CER in docs/results.md
+    steps: int = 4000  # ~6 epochs of the 11 h general_train, 33 min on 2 cores; dev WER/CER in docs/results.md
     batch_duration: float = 60.0  # seconds of audio per batch
     lr: float = 3e-3
     warmup: int = 100
