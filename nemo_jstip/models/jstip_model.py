@@ -268,7 +268,7 @@ class JSTIPModel(ModelPT):
             self.log("grad_norm", stats["grad_norm"], batch_size=1)
         self.log("lr", opt.param_groups[0]["lr"], batch_size=1)
         perception = self.stage.perception
-        if perception is not None and perception.cache_bytes:
+        if perception is not None and perception.cache_limit:
             seen = perception.cache_stats["hits"] + perception.cache_stats["misses"]
             self.log("encoder_cache_hit_rate", perception.cache_stats["hits"] / max(seen, 1), batch_size=1)
         return torch.tensor(stats["loss"])

@@ -171,7 +171,7 @@ class SpeechPerception(nn.Module):
         adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
         self.adapter = FrameStackAdapter(input_size=self.encoder.d_model, **adapter)
         self.frame_spec = FrameSpec.from_config(cfg)
-        self.cache_bytes = int(cfg.get("encoder_cache_mb", 0) or 0) * 2**20
+        self.cache_limit = int(cfg.get("encoder_cache_mb", 0) or 0) * 2**20
         self.cache: dict[bytes, torch.Tensor] = {}
         self.cache_nbytes = 0
         self.cache_stats = {"hits": 0, "misses": 0, "full": 0}
@@ -187,7 +187,7 @@ class SpeechPerception(nn.Module):
         Frozen parts also stay in eval mode (see :meth:`train`) and the frozen encoder runs without autograd.
         """
         self.freeze_encoder, self.freeze_adapter = bool(encoder), bool(adapter)
-        if self.cache_bytes and (not self.freeze_encoder or self.spec_augmentation is not None):
+        if self.cache_limit and (not self.freeze_encoder or self.spec_augmentation is not None):
             raise ValueError("perception.encoder_cache_mb > 0 memoises the encoder's outputs, which is exact only for "
                              "a frozen encoder without spec_augment: set freeze_encoder: true and spec_augment: null, "
                              "or encoder_cache_mb: 0")
@@ -206,7 +206,7 @@ class SpeechPerception(nn.Module):
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()
-        if self.cache_bytes:  # deterministic features (no dither), so a memoised output equals a recomputed one
+        if self.cache_limit:  # deterministic features (no dither), so a memoised output equals a recomputed one
             self.preprocessor.eval()
         if self.freeze_adapter:
             self.adapter.eval()
@@ -237,7 +237,7 @@ class SpeechPerception(nn.Module):
         valid frames do not depend on the batch they are encoded in (NeMo masks padding). New entries stop, with
         one warning, once the cache holds ``encoder_cache_mb`` MiB.
         """
-        if not self.cache_bytes:
+        if not self.cache_limit:
             return self._encode(audio, audio_lens)
         lens = audio_lens.tolist()
         wave = audio.detach().float().cpu().numpy()
@@ -250,10 +250,10 @@ class SpeechPerception(nn.Module):
             for j, i in enumerate(miss):
                 got[keys[i]] = enc[j, : int(enc_lens[j])].detach().clone()
             for k, t in got.items():
-                if self.cache_nbytes + t.nbytes > self.cache_bytes:
+                if self.cache_nbytes + t.nbytes > self.cache_limit:
                     if not self.cache_stats["full"]:
                         log.warning("encoder cache full (%d MiB, %d entries): further outputs are recomputed",
-                                    self.cache_bytes >> 20, len(self.cache))
+                                    self.cache_limit >> 20, len(self.cache))
                     self.cache_stats["full"] += 1
                     continue
                 self.cache[k] = t

@@ -136,7 +136,7 @@ def test_encoder_cache_is_exact_and_skips_the_encoder():
     m.load_state_dict(ref.state_dict())  # new weights: stale entries go
     assert not m.cache
     tiny = SpeechPerception(_config("mlp", freeze_encoder=True, encoder_cache_mb=1))
-    tiny.cache_bytes = 64  # room for nothing: outputs are recomputed, never wrong
+    tiny.cache_limit = 64  # room for nothing: outputs are recomputed, never wrong
     tiny(*pad(a, b)), tiny(*pad(a, b))
     assert not tiny.cache and tiny.cache_stats["full"] == 4 and tiny.cache_stats["hits"] == 0
     for bad in (dict(freeze_encoder=False), dict(freeze_encoder=True, spec_augment=dict(freq_masks=2))):
