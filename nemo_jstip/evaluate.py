@@ -62,7 +62,7 @@ def _decode(model, loader, max_new_tokens: int):
 
 
 @torch.no_grad()
-def transcribe(model, manifest: str, max_new_tokens: int = 96, max_tokens: int = 8192) -> tuple[list[dict], float]:
+def transcribe(model, manifest: str, max_new_tokens: int = 256, max_tokens: int = 8192) -> tuple[list[dict], float]:
     """Greedy ASR of every cut; returns rows and the audio seconds per decoding second (RTFx)."""
     rows, audio_s, t0 = [], 0.0, time.perf_counter()
     for batch, hyps in _decode(model, eval_loader(model, manifest, max_tokens), max_new_tokens):
@@ -95,7 +95,7 @@ def _first_line(text: str) -> str:
 
 
 @torch.no_grad()
-def answer_questions(model, manifest, template: str = QA_TEMPLATE, max_new_tokens: int = 24,
+def answer_questions(model, manifest, template: str = QA_TEMPLATE, max_new_tokens: int = 64,
                      max_tokens: int = 8192) -> dict[str, dict]:
     """Zero-shot QA of the cuts with answers: ``cut_id -> question, answers, answer (from the audio), answer_text
     (from the transcript as text)``. Only manifests holding a QA cut are decoded (their other cuts are skipped)."""
@@ -117,8 +117,8 @@ def answer_questions(model, manifest, template: str = QA_TEMPLATE, max_new_token
     return qa
 
 
-def evaluate(model, manifest, max_new_tokens: int = 96, max_tokens: int = 8192, qa_template: str = QA_TEMPLATE,
-             qa_max_new_tokens: int = 24) -> tuple[list[dict], float]:
+def evaluate(model, manifest, max_new_tokens: int = 256, max_tokens: int = 8192, qa_template: str = QA_TEMPLATE,
+             qa_max_new_tokens: int = 64) -> tuple[list[dict], float]:
     """``transcribe`` every cut, then ``answer_questions``: QA cuts' rows get the QA fields; RTFx is the ASR's."""
     rows, rtfx = transcribe(model, manifest, max_new_tokens, max_tokens)
     qa = answer_questions(model, manifest, qa_template, qa_max_new_tokens, max_tokens)
