@@ -51,15 +51,14 @@ def run_name(system: str, seed: int, tag: str = "") -> str:
 
 def prep_commands(systems: list[str], llm_dir: str, encoder: str) -> list[list[tuple[str | None, list[str]]]]:
     """(what it makes, command) for the shared inputs, in stages (a stage's commands run side by side, after the
-    stage before): the corpus (always run: it reuses a complete, current folder in a second), its tokenizer, then
-    the pretrained LLM, the speech encoder and, for jstip_synthetic, the TTS corpus."""
-    last = [(f"{llm_dir}/model.safetensors",
-             [PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}", f"out_dir={llm_dir}"]),
+    stage before): the corpus, its tokenizer, then the pretrained LLM (these three always run: each reuses a current
+    folder in seconds and rebuilds a stale one), the speech encoder and, for jstip_synthetic, the TTS corpus."""
+    last = [(None, [PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}", f"out_dir={llm_dir}"]),
             (encoder, [PY, "-m", "nemo_jstip.prep.pretrain_encoder", f"corpus_dir={CORPUS}", f"out={encoder}"])]
     if "jstip_synthetic" in systems:  # always run, like the corpus: rebuilt when the corpus defaults change
         last.append((None, [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
     return [[(None, [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={CORPUS}"])],
-            [(f"{CORPUS}/tokenizer/tokenizer.json", [PY, "-m", "nemo_jstip.prep.tokenizer", f"corpus_dir={CORPUS}"])],
+            [(None, [PY, "-m", "nemo_jstip.prep.tokenizer", f"corpus_dir={CORPUS}"])],
             last]
 
 
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of mixtures (default: {','.join(SYSTEMS)})")
     p.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the recipe's)")
     p.add_argument("--out", default="nemo_experiments/repro", help="run folders, .nemo files, logs")
-    p.add_argument("--llm", default=f"{CORPUS}/llm", help="the pretrained LLM folder (made if missing)")
+    p.add_argument("--llm", default=f"{CORPUS}/llm", help="the pretrained LLM folder (made, or remade when stale, unless it holds an LLM from elsewhere)")
     p.add_argument("--encoder", default=ENCODER, help="the CTC-pretrained encoder .nemo (made if missing)")
     p.add_argument("--tag", default="", help="suffix of run names, for variants made with --set")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides (hydra)")

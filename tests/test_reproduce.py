@@ -125,10 +125,23 @@ def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
     corpus.symlink_to(tiny_corpus)
     tokenizer.main([f"corpus_dir={corpus}", "vocab_size=300", f"out_dir={tmp_path / 'tok'}"])
     llm_dir = tmp_path / "llm"
-    result = pretrain_main([f"corpus_dir={corpus}", f"tokenizer={tmp_path / 'tok'}", f"out_dir={llm_dir}",
-                            "steps=3", "num_layers=2", "hidden_size=32", "ffn_hidden_size=64", "extra_general=40",
-                            "qa_repeats=1", "batch_size=8", "warmup=1"])
+    args = [f"corpus_dir={corpus}", f"tokenizer={tmp_path / 'tok'}", f"out_dir={llm_dir}", "steps=3", "num_layers=2",
+            "hidden_size=32", "ffn_hidden_size=64", "extra_general=40", "qa_repeats=1", "batch_size=8", "warmup=1"]
+    result = pretrain_main(args)
     assert result["heldout_ppl"] > 1 and (llm_dir / "pretrain.json").exists()
+    # reproduce.py runs both steps every time: a current folder is reused, a stale one rebuilt
+    stamp = (llm_dir / "model.safetensors").stat().st_mtime_ns
+    assert pretrain_main(args)["tokenizer_sha"] == result["tokenizer_sha"]
+    assert (llm_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    tokenizer.main([f"corpus_dir={corpus}", "vocab_size=280", f"out_dir={tmp_path / 'tok'}"])
+    assert len(json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]) == 280
+    assert pretrain_main([*args, "log_every=2"])["tokenizer_sha"] != result["tokenizer_sha"]  # retrained
+    tokenizer.main([f"corpus_dir={corpus}", "vocab_size=300", f"out_dir={tmp_path / 'tok'}"])
+    result = pretrain_main(args)
+    (llm_dir / "pretrain.json").rename(tmp_path / "pretrain.json")  # an LLM from elsewhere: never overwritten
+    stamp = (llm_dir / "model.safetensors").stat().st_mtime_ns
+    assert pretrain_main([*args, "steps=4"]) == {} and (llm_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    (tmp_path / "pretrain.json").rename(llm_dir / "pretrain.json")
     llm = llm_config_from_hf(AutoConfig.from_pretrained(str(llm_dir)))
     sizes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
     cfg = repro_cfg(f"pretrained.hf_llm={llm_dir}", f"data.corpus_dir={corpus}", "model.llm.layer_spec=local",

@@ -20,6 +20,7 @@ Deterministic for a seed (single process, fixed data order).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -170,6 +171,26 @@ def hf_config(cfg: PretrainConfig, tok):
     )
 
 
+UNUSED_BY_TRAINING = ("out_dir", "tokenizer", "log_every")  # the tokenizer counts by content (tokenizer_sha)
+
+
+def current(out: Path, cfg: PretrainConfig, tok_sha: str) -> dict | None:
+    """``pretrain.json`` of ``out`` when its model is what ``cfg`` and the tokenizer would train, else None (retrain).
+    A model folder without ``pretrain.json`` (an LLM from elsewhere, e.g. SmolLM2) is used as it is, never overwritten."""
+    if not (out / "model.safetensors").exists():
+        return None
+    if not (out / "pretrain.json").exists():
+        print(f"pretrain_llm: {out} holds a model this script did not train (no pretrain.json): left as it is")
+        return {}
+    previous = json.loads((out / "pretrain.json").read_text())
+    same = {k: v for k, v in asdict(cfg).items() if k not in UNUSED_BY_TRAINING} == \
+        {k: v for k, v in previous["config"].items() if k not in UNUSED_BY_TRAINING}
+    if same and previous.get("tokenizer_sha") == tok_sha:
+        return previous
+    print(f"pretrain_llm: retraining {out}: " + ("its tokenizer differs" if same else "its settings differ"))
+    return None
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train, report perplexities, save the HF folder; returns what ``pretrain.json`` holds."""
     t0 = time.time()
@@ -177,7 +198,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     corpus = Path(cfg.corpus_dir)
     out = Path(cfg.out_dir or corpus / "llm")
-    tok = load_tokenizer(cfg.tokenizer or corpus / "tokenizer")
+    tok_dir = Path(cfg.tokenizer or corpus / "tokenizer")
+    tok_sha = hashlib.blake2b((tok_dir / "tokenizer.json").read_bytes(), digest_size=16).hexdigest()
+    if (previous := current(out, cfg, tok_sha)) is not None:
+        if previous:
+            print(f"pretrain_llm: reusing {out} (same settings and tokenizer)")
+        return previous
+    tok = load_tokenizer(tok_dir)
     train_lines, held_lines = split_heldout(corpus_lines(corpus, cfg.extra_general, cfg.qa_repeats, cfg.seed),
                                             cfg.heldout, cfg.seed)
     train = encode(tok, train_lines)
@@ -224,6 +251,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     result["seconds"] = round(time.time() - t0, 1)
+    result["tokenizer_sha"] = tok_sha
     (out / "pretrain.json").write_text(json.dumps({"config": asdict(cfg), **result}, indent=1))
     print(f"pretrain_llm: train ppl {result['train_ppl']:.2f}, held-out ppl {result['heldout_ppl']:.2f} "
           + " ".join(f"{k} {v:.2f}" for k, v in result["heldout_ppl_per_source"].items())

@@ -5,6 +5,7 @@ Real recipes use the pretrained LLM's own HF tokenizer; this one stands in where
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -44,19 +45,27 @@ def corpus_texts(corpus_dir: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m nemo_jstip.prep.tokenizer corpus_dir=DIR [vocab_size=1000] [out_dir=DIR/tokenizer]"""
+    """python -m nemo_jstip.prep.tokenizer corpus_dir=DIR [vocab_size=384] [out_dir=DIR/tokenizer]
+
+    384 tokens (the 256 bytes, 2 specials, 126 merges: mostly letter pairs and a few short words) make every word a
+    spelling, as a large LLM's tokenizer does for rare names: a speech-LLM trained on the corpus's ~1,400 general
+    words then spells an unheard entity piece by piece (docs/results.md, session 6); with 1,000 most general words
+    were single tokens and it learned to pick whole words instead. An existing folder of another size is rebuilt."""
     import sys
 
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.merge(
-        {"corpus_dir": "data/demo_corpus", "vocab_size": 1000, "out_dir": None},
+        {"corpus_dir": "data/demo_corpus", "vocab_size": 384, "out_dir": None},
         OmegaConf.from_cli(argv if argv is not None else sys.argv[1:]),
     )
     out = Path(cfg.out_dir or Path(cfg.corpus_dir) / "tokenizer")
     if (out / "tokenizer.json").exists():
-        print(f"reusing tokenizer in {out}")
-        return
+        have = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+        if have == cfg.vocab_size:
+            print(f"reusing tokenizer in {out}")
+            return
+        print(f"rebuilding {out}: it has {have} tokens, vocab_size={cfg.vocab_size}")
     tok = train_tokenizer(corpus_texts(cfg.corpus_dir), cfg.vocab_size, out)
     print(f"trained a {len(tok)}-token byte-level BPE into {out}")
 
