@@ -186,6 +186,7 @@ def current(out: Path, cfg: PretrainConfig, tok_sha: str) -> dict | None:
     same = {k: v for k, v in asdict(cfg).items() if k not in UNUSED_BY_TRAINING} == \
         {k: v for k, v in previous["config"].items() if k not in UNUSED_BY_TRAINING}
     if same and previous.get("tokenizer_sha") == tok_sha:
+        print(f"pretrain_llm: reusing {out} (same settings and tokenizer)")
         return previous
     print(f"pretrain_llm: retraining {out}: " + ("its tokenizer differs" if same else "its settings differ"))
     return None
@@ -201,8 +202,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tok_dir = Path(cfg.tokenizer or corpus / "tokenizer")
     tok_sha = hashlib.blake2b((tok_dir / "tokenizer.json").read_bytes(), digest_size=16).hexdigest()
     if (previous := current(out, cfg, tok_sha)) is not None:
-        if previous:
-            print(f"pretrain_llm: reusing {out} (same settings and tokenizer)")
         return previous
     tok = load_tokenizer(tok_dir)
     train_lines, held_lines = split_heldout(corpus_lines(corpus, cfg.extra_general, cfg.qa_repeats, cfg.seed),

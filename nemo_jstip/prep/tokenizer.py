@@ -5,7 +5,6 @@ Real recipes use the pretrained LLM's own HF tokenizer; this one stands in where
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -54,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     from omegaconf import OmegaConf
+    from tokenizers import Tokenizer
 
     cfg = OmegaConf.merge(
         {"corpus_dir": "data/demo_corpus", "vocab_size": 384, "out_dir": None},
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = Path(cfg.out_dir or Path(cfg.corpus_dir) / "tokenizer")
     if (out / "tokenizer.json").exists():
-        have = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+        have = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
         if have == cfg.vocab_size:
             print(f"reusing tokenizer in {out}")
             return
