@@ -82,33 +82,47 @@ def run_commands(system: str, seed: int, out: Path, steps: int | None, extra: li
     return cmds
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    """Run from the repo root, output to ``log``; returns wall seconds; raises on failure."""
+def _run(cmd: list[str], log: Path, on_tick=None, tick_s: float = 60.0) -> float:
+    """Run from the repo root, output to ``log``; returns wall seconds; raises on failure. ``on_tick(seconds so
+    far)`` is called every ``tick_s`` while it runs, so a killed run still leaves its time behind."""
     t0 = time.time()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV).returncode
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+        while True:
+            try:
+                rc = proc.wait(timeout=tick_s)
+                break
+            except subprocess.TimeoutExpired:
+                if on_tick:
+                    on_tick(time.time() - t0)
     if rc:
         raise RuntimeError(f"exit {rc}: {shlex.join(cmd)} (log: {log})")
     return time.time() - t0
 
 
 def run_one(system: str, seed: int, out: Path, cmds: dict[str, list[str]], tag: str = "") -> dict:
-    """Train (unless the .nemo exists) and evaluate (unless metrics.json exists); times go to ``timing.json``."""
+    """Train (unless the .nemo exists) and evaluate (unless metrics.json exists); times go to ``timing.json``,
+    updated every minute, so a run resumed after a kill adds to the time it had spent."""
     name = run_name(system, seed, tag)
     rdir = out / name
     timing_path = rdir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+
+    def record(step: str, seconds: float) -> None:
+        timing[step] = round(seconds, 1)
+        rdir.mkdir(parents=True, exist_ok=True)
+        timing_path.write_text(json.dumps(timing, indent=1))
+
     for step, cmd in cmds.items():
         done = (out / f"{name}.nemo").exists() if step == "train" else (rdir / step / "metrics.json").exists()
         if done:
             continue
         print(f"[{name}] {step} ...", flush=True)
-        timing[step] = round(timing.get(step, 0.0) + _run(cmd, rdir / f"{step}.log"), 1)  # + time before a kill
-        rdir.mkdir(parents=True, exist_ok=True)
-        timing_path.write_text(json.dumps(timing, indent=1))
+        before = timing.get(step, 0.0)  # the time of a killed attempt
+        record(step, before + _run(cmd, rdir / f"{step}.log", on_tick=lambda s: record(step, before + s)))
         print(f"[{name}] {step} took {timing[step] / 60:.1f} min", flush=True)
     return timing
 

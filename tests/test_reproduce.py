@@ -1,7 +1,9 @@
 """The reproduction's cheap logic: the mean ± std table and plots from metrics.json folders, the dry-run command
 list, and a tiny ``pretrain_llm`` folder that ``JSTIPModel`` loads through the repro recipe's ``init_from_hf``."""
+import functools
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,17 @@ def test_runs_go_on_when_one_fails(monkeypatch, tmp_path, capsys):
                         "--out", str(tmp_path), "--no-aggregate"])
     assert sorted(done) == [("asr_only", 1), ("asr_only", 2), ("jstip_word", 1), ("jstip_word", 2)]
     assert "[joint_s1] FAILED: exit 1: boom" in capsys.readouterr().out
+
+
+def test_timing_survives_a_failed_attempt(monkeypatch, tmp_path):
+    """timing.json is written while a step runs; a rerun adds its time to that of the attempt that died."""
+    monkeypatch.setattr(reproduce, "_run", functools.partial(reproduce._run, tick_s=0.05))
+    dies = {"train": [sys.executable, "-c", "import time, sys; time.sleep(0.5); sys.exit(1)"]}
+    with pytest.raises(RuntimeError, match="exit 1"):
+        reproduce.run_one("joint", 1, tmp_path, dies)
+    first = json.loads((tmp_path / "joint_s1" / "timing.json").read_text())["train"]
+    assert 0.2 < first < 5.0
+    works = {"train": [sys.executable, "-c", "import time; time.sleep(0.3)"]}
+    total = reproduce.run_one("joint", 1, tmp_path, works)["train"]
+    assert total >= first + 0.3 and json.loads((tmp_path / "joint_s1" / "timing.json").read_text())["train"] == total
+    assert "import time; time.sleep(0.3)" in (tmp_path / "joint_s1" / "train.log").read_text()
