@@ -91,13 +91,17 @@ def _run(cmd: list[str], log: Path, on_tick=None, tick_s: float = 60.0) -> float
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV)
-        while True:
-            try:
-                rc = proc.wait(timeout=tick_s)
-                break
-            except subprocess.TimeoutExpired:
-                if on_tick:
-                    on_tick(time.time() - t0)
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=tick_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_tick:
+                        on_tick(time.time() - t0)
+        except BaseException:  # Ctrl-C: like subprocess.run, leave no orphan behind
+            proc.kill()
+            raise
     if rc:
         raise RuntimeError(f"exit {rc}: {shlex.join(cmd)} (log: {log})")
     return time.time() - t0
