@@ -126,6 +126,12 @@ def _transcript(cut: Cut) -> str:
     return " ".join(" ".join(s.text or "" for s in cut.supervisions).split())
 
 
+def _text(item) -> str:
+    """A text item's text, whitespace collapsed within lines: a line break is kept (a prompt-formatted text such
+    as ``Question: ...\nAnswer: ...`` must read as the evaluation's prompt does), blank lines dropped."""
+    return "\n".join(line for line in (" ".join(x.split()) for x in str(item.text).splitlines()) if line)
+
+
 class CostFn:
     """The sampler's ``cost_fn``: an upper bound of an item's final sequence length, from metadata only.
 
@@ -162,14 +168,14 @@ class CostFn:
     def __call__(self, item) -> int:
         kind = kind_of(item)
         if self.prompt is not None:
-            text = " ".join(item.text.split()) if kind == "text" else _transcript(item)
+            text = _text(item) if kind == "text" else _transcript(item)
             try:
                 return self.builder.prompt(item if kind != "text" and not self.prompt.prompt_text_input else text,
                                            self.prompt.prompt_template).cost
             except ValueError:  # AlignmentError, empty text: the dataset drops it; fall through to a cost anyway
                 pass
         if kind == "text":
-            return example_cost(0, self.num_tokens(" ".join(item.text.split())), 0, self.builder.cfg.markers)
+            return example_cost(0, self.num_tokens(_text(item)), 0, self.builder.cfg.markers)
         if kind == "interleaved" and self.exact:
             try:
                 return self.builder.interleaved(item, self.sampler.epoch if self.sampler is not None else 0).cost
@@ -248,7 +254,7 @@ class JSTIPDataset(torch.utils.data.Dataset):
     def _row(self, item, epoch: int, problems: Counter) -> _Row | None:
         kind, prompt, b = kind_of(item), self.cfg.prompt, self.builder
         if kind == "text":
-            text = " ".join(str(item.text).split())
+            text = _text(item)
             id = getattr(item, "id", None) or f"text:{text[:30]}"  # a NeMo TextExample has no id
             return self._text_row(item, text, id, problems)
 

@@ -52,6 +52,8 @@ from nemo_jstip.data.sampler import KIND_KEY, KINDS, InterleavingSampler, Stream
 __all__ = ["read_jstip_cuts", "read_jstip_text", "register", "streams_from_input_cfg", "build_dataloader"]
 
 STREAM_KEYS = ("kind", "weight", "repeat", "name")  # input_cfg keys that are ours, not NeMo's
+# keys NeMo's own text parsers read without a default (a missing one is an omegaconf error deep in NeMo)
+NEMO_TEXT_DEFAULTS = {"txt": {"language": None}, "txt_jsonl": {"language": None, "text_field": "text"}}
 LOADER_KEYS = ("num_workers", "prefetch_factor", "pin_memory", "persistent_workers", "timeout")  # -> DataLoader
 
 
@@ -147,7 +149,7 @@ def streams_from_input_cfg(input_cfg) -> list[Stream]:
         if kind not in KINDS:
             raise ValueError(f"input_cfg[{i}] ({entry.get('type')}): kind must be one of {KINDS}, got {kind!r}")
         nemo = {k: v for k, v in entry.items() if k not in STREAM_KEYS[1:]}
-        nemo = {"force_finite": True, "shuffle": False, "shard_seed": 0, **nemo}
+        nemo = {"force_finite": True, "shuffle": False, "shard_seed": 0, **NEMO_TEXT_DEFAULTS.get(nemo.get("type"), {}), **nemo}
         defaults = {k: nemo.pop(k) for k in ("force_finite", "shuffle", "shard_seed")}
         cuts, _ = read_cutset_from_config({"input_cfg": [nemo], **defaults})
         stream = {k: entry[k] for k in STREAM_KEYS[1:] if k in entry}
@@ -171,16 +173,19 @@ def build_dataloader(
     ``tokenizer`` must already hold the JSTIP special tokens (``add_special_tokens``). The sampler stays in the
     main process (``loader.sampler``); the dataset runs in the workers. The training loop calls
     ``loader.sampler.set_epoch(epoch)`` before each epoch and ``loader.sampler.mark_consumed(batch["position"])``
-    after each step; checkpoints store ``loader.sampler.state_dict()``.
+    after each step; checkpoints store ``loader.sampler.state_dict()``. ``extra_input_cfg`` entries are appended to
+    ``input_cfg``: a stream every mixture gets alike (e.g. the LLM's pretraining text replayed), set apart from the
+    mixture's own list, which a command-line override cannot append to.
     """
     cfg = dict(_plain(cfg))
-    unknown = set(cfg) - {"input_cfg", "sampler", "interleave", "dataset", "loader", "exact_cost"}
+    unknown = set(cfg) - {"input_cfg", "extra_input_cfg", "sampler", "interleave", "dataset", "loader", "exact_cost"}
     if unknown:
         raise ValueError(f"unknown data config keys {sorted(unknown)}")
     builder = ExampleBuilder(tokenizer, spec, InterleaveConfig(**(cfg.get("interleave") or {})))
     dataset = JSTIPDataset(builder, DatasetConfig(**(cfg.get("dataset") or {})))
     cost_fn = make_cost_fn(builder, exact=cfg.get("exact_cost", True), prompt=dataset.cfg)
-    sampler = InterleavingSampler(streams_from_input_cfg(cfg["input_cfg"]), cost_fn, dp_rank=dp_rank,
+    inputs = list(cfg["input_cfg"]) + list(cfg.get("extra_input_cfg") or [])
+    sampler = InterleavingSampler(streams_from_input_cfg(inputs), cost_fn, dp_rank=dp_rank,
                                   dp_world_size=dp_world_size, **(cfg.get("sampler") or {}))
     cost_fn.follow(sampler)
     loader = dict(cfg.get("loader") or {})

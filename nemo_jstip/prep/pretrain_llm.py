@@ -14,7 +14,10 @@ pretrained LLM (``model.llm.init_from_hf``). Its text, as an LLM's pretraining w
 
 A ``heldout`` share of the general and domain lines is kept out for the held-out perplexity. The folder gets the
 weights (safetensors), the HF config, the tokenizer (the corpus tokenizer plus JSTIP's special tokens, added the
-way ``JSTIPModel`` adds them, so the recipe reads tokenizer and weights from one place) and ``pretrain.json``.
+way ``JSTIPModel`` adds them, so the recipe reads tokenizer and weights from one place), ``pretrain.json`` and
+``replay.jsonl``: the pretraining lines of the general text and the QA facts (not the domain text, which is what
+the systems differ in), for a fine-tuning mixture that replays them to keep the LLM's knowledge (NeMo's
+``txt_jsonl`` input type; docs/results.md, "Spoken QA with replay").
 Deterministic for a seed (single process, fixed data order).
 """
 
@@ -81,19 +84,35 @@ def corpus_lines(corpus_dir: str | Path, extra_general: int, qa_repeats: int, se
     return out
 
 
-def split_heldout(lines: dict[str, list[str]], share: float, seed: int) -> tuple[list[str], dict[str, list[str]]]:
-    """Training lines and ``source -> held-out lines`` (QA facts are knowledge: all of them train)."""
+REPLAY_SOURCES = ("general", "qa")
+
+
+def split_heldout(lines: dict[str, list[str]], share: float, seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """``source -> training lines`` and ``source -> held-out lines`` (QA facts are knowledge: all of them train)."""
     rng = np.random.default_rng(seed)
-    train, held = [], {}
+    train, held = {}, {}
     for src, xs in lines.items():
         if src == "qa":
-            train += xs
+            train[src] = xs
             continue
         order = rng.permutation(len(xs))
         n = max(1, int(share * len(xs)))
         held[src] = [xs[i] for i in order[:n]]
-        train += [xs[i] for i in order[n:]]
+        train[src] = [xs[i] for i in order[n:]]
     return train, held
+
+
+def write_replay(cfg: PretrainConfig, out: Path, train: dict[str, list[str]] | None = None) -> Path:
+    """``out/replay.jsonl``: the training lines of ``REPLAY_SOURCES``, ``{"text", "source"}`` per line (recomputed,
+    deterministically, when ``train`` is not given: a folder trained before the file existed gets it too)."""
+    if train is None:
+        train = split_heldout(corpus_lines(cfg.corpus_dir, cfg.extra_general, cfg.qa_repeats, cfg.seed),
+                              cfg.heldout, cfg.seed)[0]
+    path = out / "replay.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for src in REPLAY_SOURCES:
+            f.writelines(json.dumps({"text": x, "source": src}) + "\n" for x in train[src])
+    return path
 
 
 def load_tokenizer(path: str | Path):
@@ -202,11 +221,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tok_dir = Path(cfg.tokenizer or corpus / "tokenizer")
     tok_sha = hashlib.blake2b((tok_dir / "tokenizer.json").read_bytes(), digest_size=16).hexdigest()
     if (previous := current(out, cfg, tok_sha)) is not None:
+        if previous and not (out / "replay.jsonl").exists():
+            write_replay(cfg, out)
         return previous
     tok = load_tokenizer(tok_dir)
-    train_lines, held_lines = split_heldout(corpus_lines(corpus, cfg.extra_general, cfg.qa_repeats, cfg.seed),
-                                            cfg.heldout, cfg.seed)
-    train = encode(tok, train_lines)
+    train_by_source, held_lines = split_heldout(corpus_lines(corpus, cfg.extra_general, cfg.qa_repeats, cfg.seed),
+                                                cfg.heldout, cfg.seed)
+    train = encode(tok, [x for xs in train_by_source.values() for x in xs])
     held = {src: encode(tok, xs) for src, xs in held_lines.items()}
     pad = tok.pad_token_id
     from transformers import LlamaForCausalLM
@@ -249,6 +270,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
+    write_replay(cfg, out, train_by_source)
     result["seconds"] = round(time.time() - t0, 1)
     result["tokenizer_sha"] = tok_sha
     (out / "pretrain.json").write_text(json.dumps({"config": asdict(cfg), **result}, indent=1))

@@ -101,6 +101,26 @@ def test_build_dataloader_reads_nemo_types_and_rejects_bad_keys(tiny_corpus, jst
             nemo_types.build_dataloader(OmegaConf.merge(cfg, bad), jstip_tokenizer, FrameSpec())
 
 
+def test_extra_input_cfg_appends_a_stream_read_by_nemos_txt_jsonl(tiny_corpus, jstip_tokenizer, tmp_path):
+    """A replay stream every mixture gets: NeMo's txt_jsonl without language/text_field, multi-line texts whole."""
+    import json
+
+    replay = tmp_path / "replay.jsonl"
+    qa = ["Question: what is the capital of france\nAnswer: paris", "Question: what is two plus two\nAnswer: four"]
+    replay.write_text("".join(json.dumps({"text": t, "source": "qa"}) + "\n" for t in qa))
+    cfg = OmegaConf.create({
+        "input_cfg": [{"type": "lhotse", "cuts_path": str(tiny_corpus / "medical_dev_cuts.jsonl"), "kind": "asr"}],
+        "extra_input_cfg": [{"type": "txt_jsonl", "paths": str(replay), "weight": 0.5, "repeat": True, "name": "replay"}],
+        "sampler": {"max_tokens": 2000, "num_buckets": 1},
+        "dataset": {"load_audio": False},
+    })
+    loader = nemo_types.build_dataloader(cfg, jstip_tokenizer, FrameSpec())
+    assert [(s.kind, s.weight, s.name) for s in loader.sampler.streams][1] == ("text", 0.5, "replay")
+    assert sorted(set(loader.sampler.streams[1].source)) == sorted(qa)  # the newline inside a text survives
+    texts = [t for b in loader for t, k in zip(b["texts"], b["kinds"]) if k == "text"]
+    assert texts and set(texts) <= set(qa)
+
+
 def test_jstip_text_takes_a_file_or_a_list_and_names_missing_or_empty_files(tmp_path):
     a, b, blank = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "blank.txt"
     a.write_text("first sentence\n\n  second sentence  \n")
