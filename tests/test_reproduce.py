@@ -121,6 +121,7 @@ def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
 
     from nemo_jstip.modules.hf_import import llm_config_from_hf
     from nemo_jstip.prep import tokenizer
+    from nemo_jstip.prep.pretrain_llm import PretrainConfig, corpus_lines, split_heldout
     from nemo_jstip.prep.pretrain_llm import main as pretrain_main
 
     corpus = tmp_path / "corpus"
@@ -131,6 +132,15 @@ def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
             "hidden_size=32", "ffn_hidden_size=64", "extra_general=40", "qa_repeats=1", "batch_size=8", "warmup=1"]
     result = pretrain_main(args)
     assert result["heldout_ppl"] > 1 and (llm_dir / "pretrain.json").exists()
+    # replay.jsonl: the general and QA lines the LLM trained on, never a held-out or a domain line
+    replay = [json.loads(x) for x in (llm_dir / "replay.jsonl").read_text().splitlines()]
+    cfg = PretrainConfig(corpus_dir=str(corpus), extra_general=40, qa_repeats=1)
+    train, held = split_heldout(corpus_lines(corpus, 40, 1, 0), cfg.heldout, cfg.seed)
+    assert [r["text"] for r in replay] == train["general"] + train["qa"] and {r["source"] for r in replay} == {"general", "qa"}
+    assert not {r["text"] for r in replay} & set(held["general"]) and "\nAnswer: " in replay[-1]["text"]
+    (llm_dir / "replay.jsonl").unlink()  # a folder from before the file existed gets it when reused
+    pretrain_main(args)
+    assert [json.loads(x) for x in (llm_dir / "replay.jsonl").read_text().splitlines()] == replay
     # reproduce.py runs both steps every time: a current folder is reused, a stale one rebuilt
     stamp = (llm_dir / "model.safetensors").stat().st_mtime_ns
     assert pretrain_main(args)["tokenizer_sha"] == result["tokenizer_sha"]
