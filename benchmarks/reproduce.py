@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/reproduce.py [--seeds 3] [--systems asr_only,joint,...] [--steps N]
         [--out nemo_experiments/repro] [--jobs 2] [--dev-only] [--tag NAME --set KEY=VALUE ...] [--dry-run]
+        [--config jstip_smollm2 --llm data/smollm2]
 
 Systems are the mixtures of conf/mixture/ (ASR-only, joint, JSTIP word / segment / mixed, JSTIP with synthetic TTS
 pairs instead of the domain text), trained with conf/jstip_repro.yaml (a small LLM pretrained here on the corpus
@@ -36,6 +37,8 @@ TTS_SIZES = ["sizes.medical_textspeech=1500", "sizes.banking_textspeech=1500"]
 DOMAINS = ("general", "medical", "banking")
 SPLITS = {"dev": [f"{CORPUS}/{d}_dev_cuts.jsonl" for d in DOMAINS],
           "test": [f"{CORPUS}/{d}_test_cuts.jsonl" for d in DOMAINS] + [f"{CORPUS}/qa_test_cuts.jsonl"]}
+# recipe (conf/NAME.yaml) -> its LLM folder (pretrained.hf_llm) and the prep module that makes it
+RECIPES = {"jstip_repro": (f"{CORPUS}/llm", "pretrain_llm"), "jstip_smollm2": ("data/smollm2", "hf_llm")}
 ENV = dict(os.environ)  # the subprocesses' environment (--threads sets OMP_NUM_THREADS)
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 
@@ -49,11 +52,15 @@ def run_name(system: str, seed: int, tag: str = "") -> str:
     return f"{system}{'_' + tag if tag else ''}_s{seed}"
 
 
-def prep_commands(systems: list[str], llm_dir: str, encoder: str) -> list[list[tuple[str | None, list[str]]]]:
+def prep_commands(systems: list[str], llm_dir: str, encoder: str, config: str = "jstip_repro"
+                  ) -> list[list[tuple[str | None, list[str]]]]:
     """(what it makes, command) for the shared inputs, in stages (a stage's commands run side by side, after the
-    stage before): the corpus, its tokenizer, then the pretrained LLM (these three always run: each reuses a current
-    folder in seconds and rebuilds a stale one), the speech encoder and, for jstip_synthetic, the TTS corpus."""
-    last = [(None, [PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}", f"out_dir={llm_dir}"]),
+    stage before): the corpus, its tokenizer, then the LLM folder (these three always run: each reuses a current
+    folder in seconds and rebuilds a stale one; a recipe's LLM from elsewhere is exported once), the speech
+    encoder and, for jstip_synthetic, the TTS corpus."""
+    llm = ([PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}"] if RECIPES[config][1] == "pretrain_llm"
+           else [PY, "-m", f"nemo_jstip.prep.{RECIPES[config][1]}"])
+    last = [(None, llm + [f"out_dir={llm_dir}"]),
             (encoder, [PY, "-m", "nemo_jstip.prep.pretrain_encoder", f"corpus_dir={CORPUS}", f"out={encoder}"])]
     if "jstip_synthetic" in systems:  # always run, like the corpus: rebuilt when the corpus defaults change
         last.append((None, [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
@@ -63,12 +70,12 @@ def prep_commands(systems: list[str], llm_dir: str, encoder: str) -> list[list[t
 
 
 def run_commands(system: str, seed: int, out: Path, steps: int | None, extra: list[str], tag: str = "",
-                 splits=("dev", "test")) -> dict[str, list[str]]:
+                 splits=("dev", "test"), config: str = "jstip_repro") -> dict[str, list[str]]:
     """``{"train": cmd, "eval_dev": cmd, ...}`` for one run. exp_manager's folder is ``out/train/NAME`` (it moves
     the files it finds there into ``run_N`` on every start); logs, timings and evaluations go to ``out/NAME``."""
     name = run_name(system, seed, tag)
     nemo = out / f"{name}.nemo"
-    train = [PY, "examples/jstip_train.py", "--config-name", "jstip_repro", f"mixture={system}", f"seed={seed}",
+    train = [PY, "examples/jstip_train.py", "--config-name", config, f"mixture={system}", f"seed={seed}",
              f"name={name}", f"exp_manager.exp_dir={out / 'train'}", f"model_out={nemo}"]
     if system == "jstip_synthetic":
         train.append(f"data.corpus_dir={TTS_CORPUS}")
@@ -244,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of mixtures (default: {','.join(SYSTEMS)})")
     p.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the recipe's)")
     p.add_argument("--out", default="nemo_experiments/repro", help="run folders, .nemo files, logs")
-    p.add_argument("--llm", default=f"{CORPUS}/llm", help="the pretrained LLM folder (made, or remade when stale, unless it holds an LLM from elsewhere)")
+    p.add_argument("--config", default="jstip_repro", choices=sorted(RECIPES),
+                   help="the training recipe, conf/NAME.yaml (jstip_smollm2: SmolLM2-135M held by LoRA)")
+    p.add_argument("--llm", default=None, help="the LLM folder (default: the recipe's; made, or remade when stale, "
+                   "unless it holds an LLM from elsewhere)")
     p.add_argument("--encoder", default=ENCODER, help="the CTC-pretrained encoder .nemo (made if missing)")
     p.add_argument("--tag", default="", help="suffix of run names, for variants made with --set")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides (hydra)")
@@ -263,11 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(systems) - set(SYSTEMS):
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     out = ROOT / a.out  # subprocesses run in ROOT; an absolute --out stays as it is
-    extra = ([*a.set] + ([f"pretrained.hf_llm={a.llm}"] if a.llm != f"{CORPUS}/llm" else [])
+    a.llm = a.llm or RECIPES[a.config][0]
+    extra = ([*a.set] + ([f"pretrained.hf_llm={a.llm}"] if a.llm != RECIPES[a.config][0] else [])
              + ([f"pretrained.asr_encoder={a.encoder}"] if a.encoder != ENCODER else []))
     splits = ("dev",) if a.dev_only else ("dev", "test")
-    runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits)) for seed in seeds for s in systems]
-    prep = prep_commands(systems, a.llm, a.encoder)
+    runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits, a.config)) for seed in seeds for s in systems]
+    prep = prep_commands(systems, a.llm, a.encoder, a.config)
     if a.dry_run:
         for made, cmd in (item for stage in prep for item in stage):
             print(f"# unless {made} exists\n{shlex.join(cmd)}" if made else shlex.join(cmd))

@@ -18,7 +18,8 @@ from nemo_jstip.prep.tokenizer import corpus_texts, train_tokenizer
 CONF = Path(__file__).parents[1] / "conf"
 GPU = ["pretrained.asr_nemo=/models/asr.nemo", "pretrained.hf_llm=/models/Llama-3.2-1B"]
 FINETUNE = ["model.init_from_nemo=/models/stage1.nemo"]
-RECIPES = {"jstip_tiny": [], "jstip_tiny_asr_finetune": FINETUNE, "jstip_gpu_1b": GPU, "jstip_repro": []}  # but eval
+RECIPES = {"jstip_tiny": [], "jstip_tiny_asr_finetune": FINETUNE, "jstip_gpu_1b": GPU, "jstip_repro": [],
+           "jstip_smollm2": []}  # but eval
 TRAIN = "{c}/general_train_cuts.jsonl"  # sources, {c} = data.corpus_dir
 TEXT = ["{c}/medical_text.txt", "{c}/banking_text.txt"]
 TTS = ["{c}/medical_textspeech_cuts.jsonl", "{c}/banking_textspeech_cuts.jsonl"]
@@ -131,6 +132,25 @@ def test_gpu_recipe():
         assert set(cfg.model.perception[section]) <= set(inspect.signature(cls.__init__).parameters), section
     assert FrameSpec.from_config(cfg.model.perception).hop_seconds == pytest.approx(0.08)
     assert "pretrained." in mandatory("jstip_gpu_1b")
+
+
+def test_smollm2_recipe():
+    """The confirmation recipe: SmolLM2-135M's shape (what HF import derives from its config.json) held by LoRA."""
+    from transformers import LlamaConfig
+
+    from nemo_jstip.modules.hf_import import llm_config_from_hf
+    from nemo_jstip.modules.llm import LLMConfig
+
+    cfg, repro = recipe("jstip_smollm2"), recipe("jstip_repro")
+    assert cfg.model.tokenizer.path == cfg.model.llm.init_from_hf == "data/smollm2" and cfg.model.llm.train_mode == "lora"
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64, vocab_size=49155, max_position_embeddings=8192,
+                          rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+    llm = {k: v for k, v in OmegaConf.to_container(cfg.model.llm).items() if k != "init_from_hf"}
+    assert LLMConfig(**llm) == llm_config_from_hf(smollm2, **{k: llm[k] for k in (
+        "max_sequence_length", "layer_spec", "train_mode")})
+    assert streams(cfg) == streams(repro)
+    assert cfg.model.perception == OmegaConf.merge(repro.model.perception, {"adapter": {"output_size": 576}})
 
 
 @pytest.fixture(scope="module")
