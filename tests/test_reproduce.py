@@ -136,15 +136,17 @@ def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
             "hidden_size=32", "ffn_hidden_size=64", "extra_general=40", "qa_repeats=1", "batch_size=8", "warmup=1"]
     result = pretrain_main(args)
     assert result["heldout_ppl"] > 1 and (llm_dir / "pretrain.json").exists()
-    # replay.jsonl: the general and QA lines the LLM trained on, never a held-out or a domain line
-    replay = [json.loads(x) for x in (llm_dir / "replay.jsonl").read_text().splitlines()]
+    # replay_{general,qa}.jsonl: the lines the LLM trained on, never a held-out or a domain line
+    def replay(src):
+        return [json.loads(x)["text"] for x in (llm_dir / f"replay_{src}.jsonl").read_text().splitlines()]
     cfg = PretrainConfig(corpus_dir=str(corpus), extra_general=40, qa_repeats=1)
     train, held = split_heldout(corpus_lines(corpus, 40, 1, 0), cfg.heldout, cfg.seed)
-    assert [r["text"] for r in replay] == train["general"] + train["qa"] and {r["source"] for r in replay} == {"general", "qa"}
-    assert not {r["text"] for r in replay} & set(held["general"]) and "\nAnswer: " in replay[-1]["text"]
-    (llm_dir / "replay.jsonl").unlink()  # a folder from before the file existed gets it when reused
+    assert replay("general") == train["general"] and replay("qa") == train["qa"] and sorted(llm_dir.glob("replay*")) == \
+        [llm_dir / "replay_general.jsonl", llm_dir / "replay_qa.jsonl"]
+    assert not set(replay("general")) & set(held["general"]) and all("\nAnswer: " in x for x in replay("qa"))
+    (llm_dir / "replay_qa.jsonl").unlink()  # a folder from before the files existed gets them when reused
     pretrain_main(args)
-    assert [json.loads(x) for x in (llm_dir / "replay.jsonl").read_text().splitlines()] == replay
+    assert replay("qa") == train["qa"]
     # reproduce.py runs both steps every time: a current folder is reused, a stale one rebuilt
     stamp = (llm_dir / "model.safetensors").stat().st_mtime_ns
     assert pretrain_main(args)["tokenizer_sha"] == result["tokenizer_sha"]

@@ -15,9 +15,9 @@ pretrained LLM (``model.llm.init_from_hf``). Its text, as an LLM's pretraining w
 A ``heldout`` share of the general and domain lines is kept out for the held-out perplexity. The folder gets the
 weights (safetensors), the HF config, the tokenizer (the corpus tokenizer plus JSTIP's special tokens, added the
 way ``JSTIPModel`` adds them, so the recipe reads tokenizer and weights from one place), ``pretrain.json`` and
-``replay.jsonl``: the pretraining lines of the general text and the QA facts (not the domain text, which is what
-the systems differ in), for a fine-tuning mixture that replays them to keep the LLM's knowledge (NeMo's
-``txt_jsonl`` input type; docs/results.md, "Spoken QA with replay").
+``replay_general.jsonl`` / ``replay_qa.jsonl``: the pretraining lines of the general text and of the QA facts (not
+the domain text, which is what the systems differ in), for a fine-tuning mixture that replays them, each at its own
+weight, to keep the LLM's knowledge (NeMo's ``txt_jsonl`` input type; docs/results.md, "Spoken QA with replay").
 Deterministic for a seed (single process, fixed data order).
 """
 
@@ -102,17 +102,15 @@ def split_heldout(lines: dict[str, list[str]], share: float, seed: int) -> tuple
     return train, held
 
 
-def write_replay(cfg: PretrainConfig, out: Path, train: dict[str, list[str]] | None = None) -> Path:
-    """``out/replay.jsonl``: the training lines of ``REPLAY_SOURCES``, ``{"text", "source"}`` per line (recomputed,
-    deterministically, when ``train`` is not given: a folder trained before the file existed gets it too)."""
+def write_replay(cfg: PretrainConfig, out: Path, train: dict[str, list[str]] | None = None) -> None:
+    """``out/replay_{source}.jsonl`` for ``REPLAY_SOURCES``: their training lines, ``{"text": ...}`` per line
+    (recomputed, deterministically, when ``train`` is not given: a folder trained before the files existed gets them)."""
     if train is None:
         train = split_heldout(corpus_lines(cfg.corpus_dir, cfg.extra_general, cfg.qa_repeats, cfg.seed),
                               cfg.heldout, cfg.seed)[0]
-    path = out / "replay.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for src in REPLAY_SOURCES:
-            f.writelines(json.dumps({"text": x, "source": src}) + "\n" for x in train[src])
-    return path
+    for src in REPLAY_SOURCES:
+        with open(out / f"replay_{src}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": x}) + "\n" for x in train[src])
 
 
 def load_tokenizer(path: str | Path):
@@ -221,7 +219,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tok_dir = Path(cfg.tokenizer or corpus / "tokenizer")
     tok_sha = hashlib.blake2b((tok_dir / "tokenizer.json").read_bytes(), digest_size=16).hexdigest()
     if (previous := current(out, cfg, tok_sha)) is not None:
-        if previous and not (out / "replay.jsonl").exists():
+        if previous and not all((out / f"replay_{src}.jsonl").exists() for src in REPLAY_SOURCES):
             write_replay(cfg, out)
         return previous
     tok = load_tokenizer(tok_dir)
