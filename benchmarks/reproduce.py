@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/reproduce.py [--seeds 3] [--systems asr_only,joint,...] [--steps N]
         [--out nemo_experiments/repro] [--jobs 2] [--dev-only] [--tag NAME --set KEY=VALUE ...] [--dry-run]
-        [--config jstip_smollm2 --llm data/smollm2]
+        [--config jstip_smollm2]
 
 Systems are the mixtures of conf/mixture/ (ASR-only, joint, JSTIP word / segment / mixed, JSTIP with synthetic TTS
 pairs instead of the domain text), trained with conf/jstip_repro.yaml (a small LLM pretrained here on the corpus

@@ -149,7 +149,8 @@ def streams_from_input_cfg(input_cfg) -> list[Stream]:
         if kind not in KINDS:
             raise ValueError(f"input_cfg[{i}] ({entry.get('type')}): kind must be one of {KINDS}, got {kind!r}")
         nemo = {k: v for k, v in entry.items() if k not in STREAM_KEYS[1:]}
-        nemo = {"force_finite": True, "shuffle": False, "shard_seed": 0, **NEMO_TEXT_DEFAULTS.get(nemo.get("type"), {}), **nemo}
+        nemo = {"force_finite": True, "shuffle": False, "shard_seed": 0,
+                **NEMO_TEXT_DEFAULTS.get(nemo.get("type"), {}), **nemo}
         defaults = {k: nemo.pop(k) for k in ("force_finite", "shuffle", "shard_seed")}
         cuts, _ = read_cutset_from_config({"input_cfg": [nemo], **defaults})
         stream = {k: entry[k] for k in STREAM_KEYS[1:] if k in entry}

@@ -17,7 +17,7 @@ weights (safetensors), the HF config, the tokenizer (the corpus tokenizer plus J
 way ``JSTIPModel`` adds them, so the recipe reads tokenizer and weights from one place), ``pretrain.json`` and
 ``replay_general.jsonl`` / ``replay_qa.jsonl``: the pretraining lines of the general text and of the QA facts (not
 the domain text, which is what the systems differ in), for a fine-tuning mixture that replays them, each at its own
-weight, to keep the LLM's knowledge (NeMo's ``txt_jsonl`` input type; docs/results.md, "Spoken QA with replay").
+weight, to keep the LLM's knowledge (NeMo's ``txt_jsonl`` input type; docs/results_replay.md).
 Deterministic for a seed (single process, fixed data order).
 """
 
