@@ -60,7 +60,9 @@ def load(src: Path):
 
 
 def export(cfg: ExportConfig) -> dict:
-    from nemo_jstip.prep.pretrain_llm import qa_text_accuracy, load_tokenizer
+    from nemo_jstip.data.examples import add_special_tokens
+    from nemo_jstip.data.interleave import InterleaveConfig
+    from nemo_jstip.prep.pretrain_llm import qa_text_accuracy
 
     out = Path(cfg.out_dir)
     if (out / "export.json").exists():
@@ -70,13 +72,11 @@ def export(cfg: ExportConfig) -> dict:
     src = Path(cfg.src) if cfg.src else smollm2_gguf()
     model, tok = load(src)
     vocab = model.get_input_embeddings().weight.shape[0]
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(out))
-    tok = load_tokenizer(out)  # + JSTIP's special tokens, the way JSTIPModel adds them
+    add_special_tokens(tok, InterleaveConfig())  # the way JSTIPModel adds them
     torch.manual_seed(cfg.seed)
     if len(tok) > vocab:
-        model.resize_token_embeddings(len(tok), mean_resizing=True)
-    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tok), mean_resizing=True)  # also sets config.vocab_size
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     info = {"src": str(src), "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
