@@ -80,10 +80,15 @@ def test_dry_run_lists_every_command(capsys):
     assert [("data.corpus_dir=" in c) for c in train] == [False, True, False, True]
     assert all("qa_test_cuts" in c for c in evals if "eval_test" in c)
     assert reproduce.parse_seeds("3") == [1, 2, 3] and reproduce.parse_seeds("4,9") == [4, 9]
-    reproduce.main(["--dry-run", "--seeds", "1", "--systems", "joint", "--config", "jstip_smollm2"])
+    reproduce.main(["--dry-run", "--seeds", "1", "--systems", "joint", "--config", "jstip_smollm2", "--splits", "test",
+                    "--eval-set", "max_new_tokens=96"])
     cmds = capsys.readouterr().out.splitlines()
     assert "nemo_jstip.prep.hf_llm out_dir=data/smollm2" in cmds[2] and not any("pretrain_llm" in c for c in cmds)
     assert "--config-name jstip_smollm2" in next(c for c in cmds if "jstip_train.py" in c)
+    (evaluation,) = [c for c in cmds if "jstip_eval.py" in c]
+    assert "eval_test" in evaluation and evaluation.endswith("max_new_tokens=96")
+    with pytest.raises(SystemExit):
+        reproduce.main(["--dry-run", "--splits", "train"])
 
 
 def test_recipe_llm_matches_pretrain_defaults():
