@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra evaluation overrides (conf/jstip_eval.yaml), e.g. max_new_tokens=96")
     p.add_argument("--splits", default="dev,test", help="evaluation splits, comma list (default dev,test)")
-    p.add_argument("--dev-only", action="store_true", help="= --splits dev (setting choices)")
+    p.add_argument("--dev-only", action="store_const", dest="splits", const="dev", help="= --splits dev (setting choices)")
     p.add_argument("--results", default="docs/results.md")
     p.add_argument("--plots", default="docs/results")
     p.add_argument("--no-aggregate", action="store_true")
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     a.llm = a.llm or RECIPES[a.config][0]
     extra = ([*a.set] + ([f"pretrained.hf_llm={a.llm}"] if a.llm != RECIPES[a.config][0] else [])
              + ([f"pretrained.asr_encoder={a.encoder}"] if a.encoder != ENCODER else []))
-    splits = ["dev"] if a.dev_only else [x for x in a.splits.split(",") if x]
+    splits = [x for x in a.splits.split(",") if x]
     if unknown := set(splits) - set(SPLITS):
         p.error(f"unknown splits {sorted(unknown)}; choose from {sorted(SPLITS)}")
     runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits, a.config, a.eval_set))
