@@ -33,7 +33,7 @@ from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
 from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss
 from nemo_jstip.modules.perception import SpeechPerception
-from nemo_jstip.parallel.dist import init_parallel
+from nemo_jstip.parallel.dist import compute_device, init_parallel
 
 if "nemo_jstip." not in ALLOWED_TARGET_PREFIXES:  # NeMo instantiates only allow-listed `_target_`s
     ALLOWED_TARGET_PREFIXES.append("nemo_jstip.")
@@ -129,7 +129,7 @@ class JSTIPModel(ModelPT):
         perception = SpeechPerception(self.cfg.perception) if first else None
         gpt = build_llm(self.llm_cfg, config=self._transformer_config())
         # Megatron builds the GPT on the current GPU; the perception joins it, with or without a Trainer
-        self.stage = JSTIPStage(perception, gpt, self.llm_cfg.vocab_size).to(_compute_device())
+        self.stage = JSTIPStage(perception, gpt, self.llm_cfg.vocab_size).to(compute_device())
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -215,9 +215,9 @@ class JSTIPModel(ModelPT):
         for r in reports:  # last pipeline stage only
             total += r["loss"].detach().float().cpu()
         if ps.get_pipeline_model_parallel_world_size() > 1:  # every stage reports the loss
-            total = total.to(_compute_device())
+            total = total.to(compute_device())
             torch.distributed.broadcast(total, ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group())
-        total = total.to(_compute_device())  # the tokens of all data- and context-parallel ranks
+        total = total.to(compute_device())  # the tokens of all data- and context-parallel ranks
         torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         return {"loss": (total[0] / total[1].clamp(min=1)).item(), "tokens": int(total[1].item())}
 
@@ -242,7 +242,7 @@ class JSTIPModel(ModelPT):
         return batches
 
     def _to_device(self, batch: dict) -> dict:
-        dev = _compute_device()
+        dev = compute_device()
         return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def training_step(self, dataloader_iter):
@@ -416,10 +416,6 @@ def _on_this_cp_rank(batch: dict) -> dict:
         raise ValueError(f"sequence length {L} is not a multiple of 2 x CP = {n}: set the dataset's pad_to_multiple")
     split = get_batch_on_this_cp_rank(seq | {"cu_seqlens": None}, False, ps.get_context_parallel_group())
     return batch | {k: split[k] for k in seq}
-
-
-def _compute_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_jstip.parallel import cpu
+from nemo_jstip.parallel.dist import compute_device
 
 LayerSpec = Literal["te", "local", "auto"]
 TrainMode = Literal["frozen", "full", "lora"]
@@ -249,7 +250,10 @@ def build_llm(cfg: LLMConfig, *, pre_process: bool | None = None, post_process: 
         rope_scaling_factor=cfg.rope_scaling_factor,
         vp_stage=vp_stage,
     )
-    for p in model.parameters():  # the local spec's torch norms are built in fp32 whatever params_dtype says
+    # Megatron builds its linears on the GPU when there is one, but the local spec's torch norms on the default device
+    # (the CPU) and in fp32 whatever params_dtype says: one device and one dtype for the whole stage.
+    model.to(compute_device())
+    for p in model.parameters():
         if p.dtype != config.params_dtype:
             p.data = p.data.to(config.params_dtype)
     set_train_mode(model, cfg.train_mode)
@@ -382,8 +386,7 @@ def _lora_class(base: type, parallel: Literal["column", "row"]) -> type:
             # any TP size. B starts at zero, so a fresh adapter leaves the model's output unchanged.
             a = torch.empty(lora_rank, input_size)
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            like = dict(device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu",
-                        dtype=config.params_dtype)
+            like = dict(device=compute_device(), dtype=config.params_dtype)
             if parallel == "column":  # A whole, B split by output rows like the weight
                 self.lora_a = torch.nn.Parameter(a.to(**like))
                 self.lora_b = torch.nn.Parameter(torch.zeros(output_size // tp, lora_rank, **like))

@@ -59,6 +59,11 @@ def init_parallel(
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def compute_device() -> torch.device:
+    """Where this rank computes: its current GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 

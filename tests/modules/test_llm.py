@@ -56,6 +56,7 @@ def build_and_step(mode: str) -> dict:
     params = dict(model.named_parameters())
     return dict(
         types={type(m).__name__ for m in model.modules()},
+        devices={str(t.device) for t in [*model.parameters(), *model.buffers()]},
         logits_shape=tuple(logits.shape),
         zero_loss_where_ignored=bool((loss[:, :3] == 0).all() and (loss[:, 3:] > 0).all()),
         trainable={n for n, p in params.items() if p.requires_grad},
@@ -69,6 +70,7 @@ def build_and_step(mode: str) -> dict:
 def test_build_modes_forward_backward(mode):
     (r,) = spawn(build_and_step, 1, mode)
     assert {"GPTModel", "SDPADotProductAttention", "RMSNorm"} <= r["types"]  # the local spec (+ SDPA)
+    assert len(r["devices"]) == 1  # one device for the whole model (on a GPU the torch norms included)
     assert r["logits_shape"] == (B, S, 256) and r["zero_loss_where_ignored"] and r["input_grad"]
     lora = {n for n in r["all_params"] if n.endswith((".lora_a", ".lora_b"))}
     if mode == "frozen":
