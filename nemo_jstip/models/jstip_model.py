@@ -112,13 +112,13 @@ class JSTIPModel(ModelPT):
     def _load_tokenizer(self):
         """The LLM's HF tokenizer; its two files travel inside the .nemo as artifacts."""
         tok = self.cfg.tokenizer
-        folder = Path(tempfile.mkdtemp(prefix="jstip_tokenizer_"))
-        for key, name in _TOKENIZER_FILES.items():
-            if not tok.get(key):
-                with open_dict(self.cfg):
-                    tok[key] = str(Path(tok.path) / name)
-            shutil.copy(self.register_artifact(f"tokenizer.{key}", tok[key]), folder / name)
-        return AutoTokenizer.from_pretrained(str(folder))
+        with tempfile.TemporaryDirectory(prefix="jstip_tokenizer_") as folder:  # the files may come from two places
+            for key, name in _TOKENIZER_FILES.items():
+                if not tok.get(key):
+                    with open_dict(self.cfg):
+                        tok[key] = str(Path(tok.path) / name)
+                shutil.copy(self.register_artifact(f"tokenizer.{key}", tok[key]), Path(folder) / name)
+            return AutoTokenizer.from_pretrained(folder)
 
     def configure_model(self) -> None:
         if self.stage is not None:
