@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/reproduce.py [--seeds 3] [--systems asr_only,joint,...] [--steps N]
         [--out nemo_experiments/repro] [--jobs 2] [--dev-only | --splits test] [--tag NAME --set KEY=VALUE ...]
-        [--eval-set KEY=VALUE ...] [--config jstip_smollm2] [--dry-run]
+        [--eval-set KEY=VALUE ...] [--config jstip_smollm2] [--dry-run | --aggregate-only]
 
 Systems are the mixtures of conf/mixture/ (ASR-only, joint, JSTIP word / segment / mixed, JSTIP with synthetic TTS
 pairs instead of the domain text), trained with conf/jstip_repro.yaml (a small LLM pretrained here on the corpus
@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default="docs/results.md")
     p.add_argument("--plots", default="docs/results")
     p.add_argument("--no-aggregate", action="store_true")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="tabulate the runs finished so far (e.g. while others still train); prepare and run nothing")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (OMP_NUM_THREADS; default 1: two threads on 2 shared cores were "
                         "up to 6x slower per step here)")
@@ -284,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown splits {sorted(unknown)}; choose from {sorted(SPLITS)}")
     runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits, a.config, a.eval_set))
             for seed in seeds for s in systems]
+    if a.aggregate_only:
+        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag))
+        return
     prep = prep_commands(systems, a.llm, a.encoder, a.config)
     if a.dry_run:
         for made, cmd in (item for stage in prep for item in stage):

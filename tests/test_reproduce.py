@@ -35,15 +35,20 @@ def _metrics(wer: float, med: float, bank: float, qa: float) -> dict:
                         "banking": {"wer": wer, "entity_accuracy": bank}}}
 
 
-def test_aggregate_mean_std_table_and_plots(tmp_path):
-    out = tmp_path / "runs"
+def _finished_runs(out: Path) -> None:
+    """Evaluated runs as reproduce.py leaves them: seeds 1-2 of asr_only, seed 1 of jstip_mixed (seed 2 unfinished)."""
     fake = {("asr_only", 1): _metrics(0.5, 0.1, 0.2, 0.0), ("asr_only", 2): _metrics(0.3, 0.3, 0.2, 0.0),
-            ("jstip_mixed", 1): _metrics(0.2, 0.6, 0.4, 0.5)}  # seed 2 of jstip_mixed is unfinished
+            ("jstip_mixed", 1): _metrics(0.2, 0.6, 0.4, 0.5)}
     for (system, seed), m in fake.items():
         d = out / reproduce.run_name(system, seed) / "eval_test"
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps(m))
         (d.parent / "timing.json").write_text(json.dumps({"train": 240.0, "eval_test": 60.0}))
+
+
+def test_aggregate_mean_std_table_and_plots(tmp_path):
+    out = tmp_path / "runs"
+    _finished_runs(out)
     results = tmp_path / "docs" / "results.md"
     results.parent.mkdir()
     results.write_text("# Results\n\nhand-written reading\n")
@@ -63,6 +68,17 @@ def test_aggregate_mean_std_table_and_plots(tmp_path):
     assert mean["wer"] == pytest.approx(0.4) and mean["domains"]["general"]["entity_accuracy"] is None
     assert (tmp_path / "docs" / "results" / "test" / "entity_accuracy.png").stat().st_size > 0
     assert (tmp_path / "docs" / "results" / "test" / "qa_accuracy.png").exists()
+
+
+def test_aggregate_only_runs_nothing(monkeypatch, tmp_path):
+    """--aggregate-only tabulates the finished runs while the unfinished one is neither prepared nor trained."""
+    _finished_runs(tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "_run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
+    reproduce.main(["--seeds", "2", "--systems", "asr_only,jstip_mixed", "--out", str(tmp_path / "runs"),
+                    "--results", str(tmp_path / "results.md"), "--plots", str(tmp_path / "plots"), "--aggregate-only"])
+    text = (tmp_path / "results.md").read_text()
+    assert "| asr_only | 2 | 40.0 ± 14.1 |" in text and "| jstip_mixed | 1 | 20.0 |" in text
+    assert not (tmp_path / "runs" / "train").exists()
 
 
 def test_dry_run_lists_every_command(capsys):
