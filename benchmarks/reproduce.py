@@ -44,8 +44,8 @@ BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"3"`` -> seeds 1, 2, 3; ``"4,7"`` -> seeds 4 and 7."""
-    return [int(s) for s in text.split(",")] if "," in text else list(range(1, int(text) + 1))
+    """``"3"`` -> seeds 1, 2, 3; ``"4,7"`` -> seeds 4 and 7; ``"4,"`` -> seed 4 alone."""
+    return [int(s) for s in text.split(",") if s] if "," in text else list(range(1, int(text) + 1))
 
 
 def run_name(system: str, seed: int, tag: str = "") -> str:

@@ -96,6 +96,7 @@ def test_dry_run_lists_every_command(capsys):
     assert [("data.corpus_dir=" in c) for c in train] == [False, True, False, True]
     assert all("qa_test_cuts" in c for c in evals if "eval_test" in c)
     assert reproduce.parse_seeds("3") == [1, 2, 3] and reproduce.parse_seeds("4,9") == [4, 9]
+    assert reproduce.parse_seeds("4,") == [4]
     reproduce.main(["--dry-run", "--seeds", "1", "--systems", "joint", "--config", "jstip_smollm2", "--splits", "test",
                     "--eval-set", "max_new_tokens=96"])
     cmds = capsys.readouterr().out.splitlines()
