@@ -284,11 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     splits = [x for x in a.splits.split(",") if x]
     if unknown := set(splits) - set(SPLITS):
         p.error(f"unknown splits {sorted(unknown)}; choose from {sorted(SPLITS)}")
-    runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits, a.config, a.eval_set))
-            for seed in seeds for s in systems]
     if a.aggregate_only:
         print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag))
         return
+    runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits, a.config, a.eval_set))
+            for seed in seeds for s in systems]
     prep = prep_commands(systems, a.llm, a.encoder, a.config)
     if a.dry_run:
         for made, cmd in (item for stage in prep for item in stage):
