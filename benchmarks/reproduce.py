@@ -203,8 +203,50 @@ def table(found: dict[str, list[dict]], timings: dict[str, list[float]] | None =
     return "\n".join(lines) + "\n"
 
 
-def aggregate(out: Path, systems: list[str], seeds: list[int], results: Path, plots: Path, tag: str = "") -> str:
-    """Tables (dev and test) + plots of the seed means; written between the markers of ``results``."""
+def _decoded(out: Path, system: str, seed: int, split: str, tag: str) -> tuple[dict, list[dict]] | None:
+    d = out / run_name(system, seed, tag) / f"eval_{split}"
+    if not ((d / "metrics.json").exists() and (d / "hypotheses.jsonl").exists()):
+        return None
+    rows = [json.loads(line) for line in (d / "hypotheses.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((d / "metrics.json").read_text()), rows
+
+
+def _deltas(pairs: list[tuple], path: tuple) -> list[float]:
+    return [x - y for (ma, _), (mb, _) in pairs if (x := _get(ma, path)) is not None and (y := _get(mb, path)) is not None]
+
+
+def paired_table(out: Path, systems: list[str], seeds: list[int], split: str, baseline: str, tag: str = "") -> str:
+    """Markdown: each system against ``baseline`` trained with the same seed. Per-seed differences in percentage points
+    (mean ± std over seeds; entity accuracy + = more than the baseline, WER + = worse), how many seeds are ahead, and
+    the entity mentions only one of the pair gets, summed over seeds, with McNemar's exact p-value (pooled and per
+    seed): chance in the mentions, which the seed spread does not show, and vice versa. Empty when nothing pairs."""
+    from nemo_jstip.metrics import paired_mentions, sign_test
+
+    cols = [("WER", ("wer",)), *[(f"{d} WER", ("domains", d, "wer")) for d in DOMAINS]]
+    lines = []
+    for s in systems:
+        pairs = [(a, b) for seed in seeds if s != baseline
+                 and (a := _decoded(out, s, seed, split, tag)) and (b := _decoded(out, baseline, seed, split, tag))]
+        if not pairs:
+            continue
+        pm = [paired_mentions(a[1], b[1]) for a, b in pairs]
+        won, lost = sum(p["a_only"] for p in pm), sum(p["b_only"] for p in pm)
+        ent = _deltas(pairs, ("entity_accuracy",))
+        lines.append("| " + " | ".join([s, str(len(pairs)), mean_std(ent), f"{sum(d > 0 for d in ent)} of {len(ent)}",
+                                        f"{won} / {lost}", f"{sign_test(won, lost):.2g}",
+                                        ", ".join(f"{p['p_value']:.2g}" for p in pm),
+                                        *[mean_std(_deltas(pairs, path)) for _, path in cols]]) + " |")
+    if not lines:
+        return ""
+    head = ["system", "seeds", "Δ entity acc pp", "seeds ahead", "mentions only it / only the baseline gets",
+            "McNemar p (pooled)", "McNemar p per seed", *[f"Δ {c} pp" for c, _ in cols]]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]) + "\n"
+
+
+def aggregate(out: Path, systems: list[str], seeds: list[int], results: Path, plots: Path, tag: str = "",
+              baseline: str = "joint") -> str:
+    """Tables (dev and test; each system paired with ``baseline`` on the same seed) + plots of the seed means;
+    written between the markers of ``results``."""
     from nemo_jstip.plots import compare
 
     timings = {}
@@ -219,6 +261,8 @@ def aggregate(out: Path, systems: list[str], seeds: list[int], results: Path, pl
         if not found:
             continue
         parts += [f"### {split} sets\n", table(found, timings if split == "test" else None)]
+        if paired := paired_table(out, systems, seeds, split, baseline, tag):
+            parts += [f"Paired with {baseline} (same seed):\n", paired]
         mean_dir = out / f"mean_{split}"
         dirs = {}
         for s, ms in found.items():
@@ -265,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default="docs/results.md")
     p.add_argument("--plots", default="docs/results")
     p.add_argument("--no-aggregate", action="store_true")
+    p.add_argument("--baseline", default="joint", help="the system every other one is paired with, seed by seed "
+                   "(default joint)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="tabulate the runs finished so far (e.g. while others still train); prepare and run nothing")
     p.add_argument("--threads", type=int, default=1,
@@ -285,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(splits) - set(SPLITS):
         p.error(f"unknown splits {sorted(unknown)}; choose from {sorted(SPLITS)}")
     if a.aggregate_only:
-        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag))
+        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, a.baseline))
         return
     runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits, a.config, a.eval_set))
             for seed in seeds for s in systems]
@@ -325,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         sys.exit(f"failed runs (see their logs; rerun to resume): {', '.join(failed)}")
     if not a.no_aggregate:
-        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag))
+        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, a.baseline))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""WER, entity accuracy and spoken-QA accuracy (JSTIP.md, "How results are measured").
+"""WER, entity accuracy and spoken-QA accuracy (JSTIP.md, "How results are measured"), and two systems' entity
+mentions paired (McNemar), for comparisons that seed means alone cannot settle.
 
 Normalisation is Whisper's English normaliser (lowercase, punctuation, spelled-out and written numbers alike),
 WER is NeMo's ``word_error_rate_detail``. A reference entity mention is correct when its normalised words appear
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from functools import lru_cache
+from math import comb
 
 
 @lru_cache(maxsize=1)
@@ -101,3 +103,28 @@ def summarize(rows: list[dict]) -> dict:
             "entity_accuracy": sum(m["correct"] for m in dm) / len(dm) if dm else None,
         }
     return out
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided binomial (sign) test of ``wins`` vs ``losses`` at p = 1/2: McNemar's exact test when they are the
+    discordant pairs of a paired comparison. 1.0 when there are none."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def paired_mentions(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """The entity mentions of two decodes of the same cuts, paired: ``a_only`` / ``b_only`` are the mentions only one
+    of them gets, ``p_value`` the exact McNemar test on those (whether A and B differ on *these* models beyond the
+    luck of the mentions; seed-to-seed variation is not in it). Both must hold the same cuts and entities."""
+    by_a, by_b = ({r["cut_id"]: r for r in rows} for rows in (rows_a, rows_b))
+    if by_a.keys() != by_b.keys():
+        diff = sorted(by_a.keys() ^ by_b.keys())
+        raise ValueError(f"paired decodes differ in their cuts: {len(diff)} in one only, e.g. {diff[0]!r}")
+    for cid, r in by_a.items():
+        if [e["text"] for e in r.get("entities") or []] != [e["text"] for e in by_b[cid].get("entities") or []]:
+            raise ValueError(f"cut {cid!r}: the two decodes list different reference entities")
+    ids = sorted(by_a)
+    ma, mb = (entity_mentions([by[c] for c in ids]) for by in (by_a, by_b))
+    a_only = sum(x["correct"] and not y["correct"] for x, y in zip(ma, mb))
+    b_only = sum(y["correct"] and not x["correct"] for x, y in zip(ma, mb))
+    return {"mentions": len(ma), "a_only": a_only, "b_only": b_only, "p_value": sign_test(a_only, b_only)}

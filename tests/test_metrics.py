@@ -1,6 +1,6 @@
 import pytest
 
-from nemo_jstip.metrics import contains, normalize, qa_correct, summarize, wer
+from nemo_jstip.metrics import contains, normalize, paired_mentions, qa_correct, sign_test, summarize, wer
 
 
 def test_normalisation_treats_spelled_and_written_numbers_alike():
@@ -52,3 +52,29 @@ def test_qa_accuracy_speech_and_text_input():
     assert none["num_qa"] == 0 and none["qa_accuracy"] is None and none["qa_text_accuracy"] is None
     asked_by_speech_only = summarize([{k: v for k, v in rows[0].items() if k != "answer_text"}])
     assert asked_by_speech_only["qa_accuracy"] == 1.0 and asked_by_speech_only["qa_text_accuracy"] is None
+
+
+def test_sign_test_is_exact_two_sided_binomial():
+    assert sign_test(8, 1) == pytest.approx(20 / 512)  # 2 * (C(9,0) + C(9,1)) / 2**9
+    assert sign_test(1, 8) == sign_test(8, 1)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(20, 0) < 1e-5
+
+
+def _decode(hyps: dict[str, str]) -> list[dict]:
+    refs = {"a": ("give metformin to doctor osei", ["metformin", "doctor osei"]),
+            "b": ("pay chase bank", ["chase bank"]), "c": ("hello there", [])}
+    return [{"cut_id": c, "reference": refs[c][0], "hypothesis": h, "domain": "medical",
+             "entities": [{"text": e, "type": "x"} for e in refs[c][1]]} for c, h in hyps.items()]
+
+
+def test_paired_mentions_counts_the_discordant_mentions():
+    a = _decode({"a": "give metformin to doctor o say", "b": "pay chase bank", "c": "hello there"})
+    b = _decode({"c": "hello", "b": "pay chess bank", "a": "give met forming to doctor osei"})  # order does not matter
+    out = paired_mentions(a, b)
+    assert out == {"mentions": 3, "a_only": 2, "b_only": 1, "p_value": 1.0}
+    with pytest.raises(ValueError, match="1 in one only, e.g. 'a'"):
+        paired_mentions(a, b[:2])
+    b[2]["entities"] = b[2]["entities"][:1]
+    with pytest.raises(ValueError, match="cut 'a'.*different reference entities"):
+        paired_mentions(a, b)

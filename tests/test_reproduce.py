@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from nemo_jstip.metrics import summarize
 from nemo_jstip.parallel.dist import spawn
 
 ROOT = Path(__file__).parents[1]
@@ -80,6 +81,35 @@ def test_aggregate_only_runs_nothing(monkeypatch, tmp_path):
     assert "| asr_only | 2 | 40.0 ± 14.1 |" in text and "| jstip_mixed | 1 | 20.0 |" in text
     assert not (tmp_path / "runs" / "train").exists()
 
+
+
+def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
+    """Per-seed differences against joint (same seed) and the mentions only one of the pair gets, pooled over seeds."""
+    ref = [("medical", "give metformin now", "metformin"), ("banking", "pay chase today", "chase"),
+           ("general", "hello there", None)]
+    hyps = {("joint", 1): ["give metformin now", "pay chess today", "hello there"],
+            ("jstip_word", 1): ["give metformin now", "pay chase today", "hello here"],
+            ("joint", 2): ["give met for min now", "pay chess today", "hello there"],
+            ("jstip_word", 2): ["give metformin now", "pay chase today", "hello there"],
+            ("jstip_word", 3): ["give metformin now", "pay chase today", "hello there"]}  # no joint seed 3: unpaired
+    for (system, seed), hs in hyps.items():
+        d = tmp_path / reproduce.run_name(system, seed) / "eval_test"
+        d.mkdir(parents=True)
+        rows = [{"cut_id": f"c{i}", "reference": r, "hypothesis": h, "domain": dom,
+                 "entities": [{"text": e, "type": "x"}] if e else []} for i, ((dom, r, e), h) in enumerate(zip(ref, hs))]
+        (d / "hypotheses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "metrics.json").write_text(json.dumps(summarize(rows)))
+    text = reproduce.paired_table(tmp_path, ["joint", "jstip_word"], [1, 2, 3], "test", "joint")
+    head, _, row = text.splitlines()
+    cells = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert cells["system"] == "jstip_word" and cells["seeds"] == "2" and cells["seeds ahead"] == "2 of 2"
+    assert cells["Δ entity acc pp"] == "75.0 ± 35.4"  # +50 (seed 1) and +100 (seed 2) points
+    assert cells["mentions only it / only the baseline gets"] == "3 / 0" and cells["McNemar p (pooled)"] == "0.25"
+    assert cells["McNemar p per seed"] == "1, 0.5" and cells["Δ general WER pp"] == "25.0 ± 35.4"
+    assert reproduce.paired_table(tmp_path, ["jstip_word"], [1, 2], "dev", "joint") == ""
+    results = tmp_path / "results.md"
+    reproduce.aggregate(tmp_path, ["joint", "jstip_word"], [1, 2, 3], results, tmp_path / "plots")
+    assert f"Paired with joint (same seed):\n\n{text}" in results.read_text()
 
 def test_dry_run_lists_every_command(capsys):
     reproduce.main(["--dry-run", "--seeds", "2", "--systems", "asr_only,jstip_synthetic", "--steps", "7"])
