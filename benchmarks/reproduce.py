@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/reproduce.py [--seeds 3] [--systems asr_only,joint,...] [--steps N]
         [--out nemo_experiments/repro] [--jobs 2] [--dev-only | --splits test] [--tag NAME --set KEY=VALUE ...]
-        [--eval-set KEY=VALUE ...] [--config jstip_smollm2] [--dry-run | --aggregate-only]
+        [--eval-set KEY=VALUE ...] [--config jstip_smollm2] [--baseline joint] [--dry-run | --aggregate-only]
 
 Systems are the mixtures of conf/mixture/ (ASR-only, joint, JSTIP word / segment / mixed, JSTIP with synthetic TTS
 pairs instead of the domain text), trained with conf/jstip_repro.yaml (a small LLM pretrained here on the corpus
@@ -10,9 +10,10 @@ text, ``nemo_jstip.prep.pretrain_llm``) and a speech encoder CTC-pretrained here
 (``nemo_jstip.prep.pretrain_encoder``). Each run is ``examples/jstip_train.py`` then ``examples/jstip_eval.py`` on
 the dev sets and on the test sets with spoken QA, as subprocesses, so a crash or a kill loses one run only.
 Resumable: a run whose eval ``metrics.json`` exists is skipped, an existing ``.nemo`` is not retrained, and a killed
-training run continues from its last checkpoint (``exp_manager.resume_if_exists``). The aggregate (Markdown table,
-plots via ``nemo_jstip.plots.compare``) goes between the markers of ``--results`` (docs/results.md, the rest of the
-file is kept) and PNGs under ``--plots`` (docs/results/).
+training run continues from its last checkpoint (``exp_manager.resume_if_exists``). The aggregate (Markdown tables of
+the seed means and of each system paired with ``--baseline`` seed by seed, plots via ``nemo_jstip.plots.compare``)
+goes between the markers of ``--results`` (docs/results.md, the rest of the file is kept) and PNGs under ``--plots``
+(docs/results/).
 """
 
 from __future__ import annotations
