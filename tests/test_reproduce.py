@@ -82,7 +82,6 @@ def test_aggregate_only_runs_nothing(monkeypatch, tmp_path):
     assert not (tmp_path / "runs" / "train").exists()
 
 
-
 def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
     """Per-seed differences against joint (same seed) and the mentions only one of the pair gets, pooled over seeds."""
     ref = [("medical", "give metformin now", "metformin"), ("banking", "pay chase today", "chase"),
@@ -110,6 +109,7 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
     results = tmp_path / "results.md"
     reproduce.aggregate(tmp_path, ["joint", "jstip_word"], [1, 2, 3], results, tmp_path / "plots")
     assert f"Paired with joint (same seed):\n\n{text}" in results.read_text()
+
 
 def test_dry_run_lists_every_command(capsys):
     reproduce.main(["--dry-run", "--seeds", "2", "--systems", "asr_only,jstip_synthetic", "--steps", "7"])
