@@ -226,8 +226,10 @@ def paired_table(out: Path, systems: list[str], seeds: list[int], split: str, ba
     cols = [("WER", ("wer",)), *[(f"{d} WER", ("domains", d, "wer")) for d in DOMAINS]]
     lines = []
     for s in systems:
-        pairs = [(a, b) for seed in seeds if s != baseline
-                 and (a := _decoded(out, s, seed, split, tag)) and (b := _decoded(out, baseline, seed, split, tag))]
+        if s == baseline:
+            continue
+        pairs = [(a, b) for seed in seeds
+                 if (a := _decoded(out, s, seed, split, tag)) and (b := _decoded(out, baseline, seed, split, tag))]
         if not pairs:
             continue
         pm = [paired_mentions(a[1], b[1]) for a, b in pairs]

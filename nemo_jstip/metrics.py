@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from functools import lru_cache
-from math import comb
 
 
 @lru_cache(maxsize=1)
@@ -106,10 +105,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def sign_test(wins: int, losses: int) -> float:
-    """Exact two-sided binomial (sign) test of ``wins`` vs ``losses`` at p = 1/2: McNemar's exact test when they are the
-    discordant pairs of a paired comparison. 1.0 when there are none."""
-    n, k = wins + losses, min(wins, losses)
-    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    """Exact two-sided binomial (sign) test of ``wins`` vs ``losses`` at p = 1/2 (scipy's ``binomtest``): McNemar's
+    exact test when they are the discordant pairs of a paired comparison. 1.0 when there are none."""
+    from scipy.stats import binomtest
+
+    return binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
 
 
 def paired_mentions(rows_a: list[dict], rows_b: list[dict]) -> dict:
