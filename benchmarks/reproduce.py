@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/reproduce.py [--seeds 3] [--systems asr_only,joint,...] [--steps N]
         [--out nemo_experiments/repro] [--jobs 2] [--dev-only | --splits test] [--tag NAME --set KEY=VALUE ...]
-        [--eval-set KEY=VALUE ...] [--config jstip_smollm2] [--baseline joint] [--dry-run | --aggregate-only]
+        [--eval-set KEY=VALUE ...] [--config jstip_smollm2] [--baseline joint,asr_only] [--dry-run | --aggregate-only]
 
 Systems are the mixtures of conf/mixture/ (ASR-only, joint, JSTIP word / segment / mixed, JSTIP with synthetic TTS
 pairs instead of the domain text), trained with conf/jstip_repro.yaml (a small LLM pretrained here on the corpus
@@ -11,7 +11,7 @@ text, ``nemo_jstip.prep.pretrain_llm``) and a speech encoder CTC-pretrained here
 the dev sets and on the test sets with spoken QA, as subprocesses, so a crash or a kill loses one run only.
 Resumable: a run whose eval ``metrics.json`` exists is skipped, an existing ``.nemo`` is not retrained, and a killed
 training run continues from its last checkpoint (``exp_manager.resume_if_exists``). The aggregate (Markdown tables of
-the seed means and of each system paired with ``--baseline`` seed by seed, plots via ``nemo_jstip.plots.compare``)
+the seed means and of each system paired with each ``--baseline`` seed by seed, plots via ``nemo_jstip.plots.compare``)
 goes between the markers of ``--results`` (docs/results.md, the rest of the file is kept) and PNGs under ``--plots``
 (docs/results/).
 """
@@ -247,9 +247,9 @@ def paired_table(out: Path, systems: list[str], seeds: list[int], split: str, ba
 
 
 def aggregate(out: Path, systems: list[str], seeds: list[int], results: Path, plots: Path, tag: str = "",
-              baseline: str = "joint") -> str:
-    """Tables (dev and test; each system paired with ``baseline`` on the same seed) + plots of the seed means;
-    written between the markers of ``results``."""
+              baselines: tuple[str, ...] = ("joint",)) -> str:
+    """Tables (dev and test; each system paired with each of ``baselines`` on the same seed) + plots of the seed
+    means; written between the markers of ``results``."""
     from nemo_jstip.plots import compare
 
     timings = {}
@@ -264,8 +264,9 @@ def aggregate(out: Path, systems: list[str], seeds: list[int], results: Path, pl
         if not found:
             continue
         parts += [f"### {split} sets\n", table(found, timings if split == "test" else None)]
-        if paired := paired_table(out, systems, seeds, split, baseline, tag):
-            parts += [f"Paired with {baseline} (same seed):\n", paired]
+        for baseline in baselines:
+            if paired := paired_table(out, systems, seeds, split, baseline, tag):
+                parts += [f"Paired with {baseline} (same seed):\n", paired]
         mean_dir = out / f"mean_{split}"
         dirs = {}
         for s, ms in found.items():
@@ -312,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default="docs/results.md")
     p.add_argument("--plots", default="docs/results")
     p.add_argument("--no-aggregate", action="store_true")
-    p.add_argument("--baseline", default="joint", help="the system every other one is paired with, seed by seed "
-                   "(default joint)")
+    p.add_argument("--baseline", default="joint", help="the systems every other one is paired with, seed by seed, "
+                   "comma list (default joint)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="tabulate the runs finished so far (e.g. while others still train); prepare and run nothing")
     p.add_argument("--threads", type=int, default=1,
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     ENV["OMP_NUM_THREADS"] = str(a.threads)
     seeds, systems = parse_seeds(a.seeds), [s for s in a.systems.split(",") if s]
-    if unknown := set(systems) - set(SYSTEMS):
+    baselines = tuple(s for s in a.baseline.split(",") if s)
+    if unknown := set(systems + list(baselines)) - set(SYSTEMS):
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     out = ROOT / a.out  # subprocesses run in ROOT; an absolute --out stays as it is
     a.llm = a.llm or RECIPES[a.config][0]
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(splits) - set(SPLITS):
         p.error(f"unknown splits {sorted(unknown)}; choose from {sorted(SPLITS)}")
     if a.aggregate_only:
-        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, a.baseline))
+        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, baselines))
         return
     runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits, a.config, a.eval_set))
             for seed in seeds for s in systems]
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         sys.exit(f"failed runs (see their logs; rerun to resume): {', '.join(failed)}")
     if not a.no_aggregate:
-        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, a.baseline))
+        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, baselines))
 
 
 if __name__ == "__main__":

@@ -107,8 +107,13 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
     assert cells["McNemar p per seed"] == "1, 0.5" and cells["Δ general WER pp"] == "25.0 ± 35.4"
     assert reproduce.paired_table(tmp_path, ["jstip_word"], [1, 2], "dev", "joint") == ""
     results = tmp_path / "results.md"
-    reproduce.aggregate(tmp_path, ["joint", "jstip_word"], [1, 2, 3], results, tmp_path / "plots")
-    assert f"Paired with joint (same seed):\n\n{text}" in results.read_text()
+    reproduce.main(["--seeds", "1,2,3", "--systems", "joint,jstip_word", "--baseline", "joint,jstip_word", "--out",
+                    str(tmp_path), "--results", str(results), "--plots", str(tmp_path / "plots"), "--aggregate-only"])
+    generated = results.read_text()  # one paired table per baseline: the reverse pairing mirrors the mentions
+    assert f"Paired with joint (same seed):\n\n{text}" in generated
+    assert "Paired with jstip_word (same seed):" in generated and "| joint | 2 | -75.0 ± 35.4 | 0 of 2 | 0 / 3 |" in generated
+    with pytest.raises(SystemExit):
+        reproduce.main(["--systems", "joint", "--baseline", "jointt", "--aggregate-only"])
 
 
 def test_dry_run_lists_every_command(capsys):
