@@ -111,9 +111,12 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
                     str(tmp_path), "--results", str(results), "--plots", str(tmp_path / "plots"), "--aggregate-only"])
     generated = results.read_text()  # one paired table per baseline: the reverse pairing mirrors the mentions
     assert f"Paired with joint (same seed):\n\n{text}" in generated
-    assert "Paired with jstip_word (same seed):" in generated and "| joint | 2 | -75.0 ± 35.4 | 0 of 2 | 0 / 3 |" in generated
-    with pytest.raises(SystemExit):
-        reproduce.main(["--systems", "joint", "--baseline", "jointt", "--aggregate-only"])
+    assert "Paired with jstip_word (same seed):" in generated
+    assert "| joint | 2 | -75.0 ± 35.4 | 0 of 2 | 0 / 3 |" in generated
+    with pytest.raises(SystemExit):  # an unknown baseline is refused before anything is written
+        reproduce.main(["--systems", "joint", "--baseline", "jointt", "--out", str(tmp_path), "--results",
+                        str(tmp_path / "other.md"), "--aggregate-only"])
+    assert not (tmp_path / "other.md").exists()
 
 
 def test_dry_run_lists_every_command(capsys):
