@@ -50,6 +50,10 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_name(system: str, seed: int, tag: str = "") -> str:
+    """The run's folder name. In the aggregation a system may be a label ``SYSTEM@TAG``: that system's runs made with
+    another ``--tag`` (a ``--set`` variant), tabulated and paired beside the runs of ``tag``."""
+    system, at, own = system.partition("@")
+    tag = own if at else tag
     return f"{system}{'_' + tag if tag else ''}_s{seed}"
 
 
@@ -296,7 +300,8 @@ def aggregate(out: Path, systems: list[str], seeds: list[int], results: Path, pl
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="3", help="how many (3 -> seeds 1,2,3) or a comma list (default 3)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of mixtures (default: {','.join(SYSTEMS)})")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of mixtures (default: {','.join(SYSTEMS)}); "
+                   "with --aggregate-only also SYSTEM@TAG, the runs of another --tag (a --set variant)")
     p.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the recipe's)")
     p.add_argument("--out", default="nemo_experiments/repro", help="run folders, .nemo files, logs")
     p.add_argument("--config", default="jstip_repro", choices=sorted(RECIPES),
@@ -326,8 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     ENV["OMP_NUM_THREADS"] = str(a.threads)
     seeds, systems = parse_seeds(a.seeds), [s for s in a.systems.split(",") if s]
     baselines = tuple(s for s in a.baseline.split(",") if s)
-    if unknown := set(systems + list(baselines)) - set(SYSTEMS):
+    if unknown := {s.partition("@")[0] for s in systems + list(baselines)} - set(SYSTEMS):
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if not a.aggregate_only and (labels := [s for s in systems if "@" in s]):
+        p.error(f"{labels}: SYSTEM@TAG names finished runs for --aggregate-only; make a variant with --tag and --set")
     out = ROOT / a.out  # subprocesses run in ROOT; an absolute --out stays as it is
     a.llm = a.llm or RECIPES[a.config][0]
     extra = ([*a.set] + ([f"pretrained.hf_llm={a.llm}"] if a.llm != RECIPES[a.config][0] else [])

@@ -90,7 +90,8 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
             ("jstip_word", 1): ["give metformin now", "pay chase today", "hello here"],
             ("joint", 2): ["give met for min now", "pay chess today", "hello there"],
             ("jstip_word", 2): ["give metformin now", "pay chase today", "hello there"],
-            ("jstip_word", 3): ["give metformin now", "pay chase today", "hello there"]}  # no joint seed 3: unpaired
+            ("jstip_word", 3): ["give metformin now", "pay chase today", "hello there"],  # no joint seed 3: unpaired
+            ("jstip_word@w15", 1): ["give metformin now", "pay chess today", "hello there"]}  # a --tag w15 variant
     for (system, seed), hs in hyps.items():
         d = tmp_path / reproduce.run_name(system, seed) / "eval_test"
         d.mkdir(parents=True)
@@ -106,6 +107,8 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
     assert cells["mentions only it / only the baseline gets"] == "3 / 0" and cells["McNemar p (pooled)"] == "0.25"
     assert cells["McNemar p per seed"] == "1, 0.5" and cells["Δ general WER pp"] == "25.0 ± 35.4"
     assert reproduce.paired_table(tmp_path, ["jstip_word"], [1, 2], "dev", "joint") == ""
+    variant = reproduce.paired_table(tmp_path, ["jstip_word@w15"], [1, 2], "test", "joint").splitlines()[-1]
+    assert (tmp_path / "jstip_word_w15_s1").is_dir() and variant.startswith("| jstip_word@w15 | 1 | 0.0 | 0 of 1 |")
     results = tmp_path / "results.md"
     reproduce.main(["--seeds", "1,2,3", "--systems", "joint,jstip_word", "--baseline", "joint,jstip_word", "--out",
                     str(tmp_path), "--results", str(results), "--plots", str(tmp_path / "plots"), "--aggregate-only"])
@@ -117,6 +120,8 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
         reproduce.main(["--systems", "joint", "--baseline", "jointt", "--out", str(tmp_path), "--results",
                         str(tmp_path / "other.md"), "--aggregate-only"])
     assert not (tmp_path / "other.md").exists()
+    with pytest.raises(SystemExit):  # a SYSTEM@TAG label only tabulates: a variant is trained with --tag and --set
+        reproduce.main(["--systems", "jstip_word@w15", "--out", str(tmp_path), "--dry-run"])
 
 
 def test_dry_run_lists_every_command(capsys):
