@@ -310,8 +310,10 @@ def main(argv: list[str] | None = None) -> None:
                    "unless it holds an LLM from elsewhere)")
     p.add_argument("--encoder", default=ENCODER, help="the CTC-pretrained encoder .nemo (made if missing)")
     p.add_argument("--tag", default="", help="suffix of run names, for variants made with --set")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides (hydra)")
-    p.add_argument("--eval-set", nargs="*", default=[], metavar="KEY=VALUE",
+    # "extend": a repeated --set adds to the earlier ones instead of silently replacing them
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="extra training overrides (hydra)")
+    p.add_argument("--eval-set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="extra evaluation overrides (conf/jstip_eval.yaml), e.g. max_new_tokens=96")
     p.add_argument("--splits", default="dev,test", help="evaluation splits, comma list (default dev,test)")
     p.add_argument("--dev-only", action="store_const", dest="splits", const="dev", help="= --splits dev (setting choices)")

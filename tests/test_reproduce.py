@@ -147,6 +147,10 @@ def test_dry_run_lists_every_command(capsys):
     assert "--config-name jstip_smollm2" in next(c for c in cmds if "jstip_train.py" in c)
     (evaluation,) = [c for c in cmds if "jstip_eval.py" in c]
     assert "eval_test" in evaluation and evaluation.endswith("max_new_tokens=96")
+    reproduce.main(["--dry-run", "--seeds", "2,", "--systems", "jstip_word", "--tag", "v", "--set", "a.b=1", "--set",
+                    "+c.d=2", "e=3"])  # repeated --set flags add up
+    (train,) = [c for c in capsys.readouterr().out.splitlines() if "jstip_train.py" in c]
+    assert "name=jstip_word_v_s2 " in train and train.endswith("a.b=1 +c.d=2 e=3")
     with pytest.raises(SystemExit):
         reproduce.main(["--dry-run", "--splits", "train"])
 
