@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import parse_seeds, run_name  # noqa: E402
+from reproduce import mean_std, parse_seeds, run_name  # noqa: E402
 
 
 def utterance_errors(rows: list[dict]) -> list[int]:
@@ -61,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                     runs.append((len(rows), bursts(utterance_errors(rows), args.min_errors)))
             if not runs:
                 continue
-            cells = [f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
-                     for v in ([b[k] for _, b in runs] for k in keys)]
+            cells = [mean_std([b[k] for _, b in runs], scale=1.0) for k in keys]
             print(f"| {split} | {system} | {len(runs)} | {runs[0][0]} | " + " | ".join(cells) + " |")
 
 

@@ -174,12 +174,12 @@ def _get(m: dict, path: tuple) -> float | None:
     return m
 
 
-def mean_std(values: list[float]) -> str:
-    """``"12.3 ± 0.4"`` in percent (sample std; none for one seed)."""
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    """``"12.3 ± 0.4"``, shares in percent by default (sample std; none for one seed)."""
     if not values:
         return "-"
-    m = 100 * statistics.fmean(values)
-    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
+    m = scale * statistics.fmean(values)
+    return f"{m:.1f} ± {scale * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
 def collect(out: Path, systems: list[str], seeds: list[int], split: str, tag: str = "") -> dict[str, list[dict]]:
