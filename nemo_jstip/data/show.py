@@ -1,13 +1,16 @@
 """See what the data path makes of a corpus: a few cuts as sequences, then a few sampler batches.
 
     python -m nemo_jstip.data.show manifest=CUTS.jsonl [text=FILE.txt] [config=YAML] [kind=interleaved|asr|mixed]
-                                   [n=5] [batches=5] [epoch=0] [tokenizer=HF_FOLDER]
+                                   [n=5] [batches=5] [epoch=0] [tokenizer=HF_FOLDER] [stats=0]
 
 Each sequence is printed span by span, e.g. ``<bos> [S: dr patel | 11 frames] [T: prescribed* twenty*] <eos>*``:
 ``S`` spans are audio placeholders (the words they speak, and how many encoder frames), ``T`` spans are text
 tokens as the tokenizer cut them, ``*`` marks a token that is a loss target. ``config`` is a data config as
 ``build_dataloader`` reads it (its ``interleave``, ``sampler`` and ``dataset`` sections are used; the streams come
 from ``manifest``/``text``/``kind``) and may hold ``preprocessor``/``encoder``/``adapter`` for the ``FrameSpec``.
+``stats=N`` adds what the first N cuts' examples of each kind give the model to learn from (``speech_use``): speech
+frames only teach the encoder and adapter when a loss target follows them, so an interleaved example that ends in
+speech, or is speech only, spends frames on nothing; span lengths near the utterance length make many such examples.
 Without ``tokenizer`` a small byte-level BPE is trained on the shown data, offline, so the command runs anywhere.
 No audio is read.
 """
@@ -31,7 +34,7 @@ from nemo_jstip.prep.tokenizer import train_tokenizer
 
 KINDS = {"interleaved": ("interleaved",), "asr": ("asr",), "mixed": ("asr", "interleaved")}
 ARGS = {"manifest": None, "text": None, "config": None, "kind": "mixed", "n": "5", "batches": "5", "epoch": "0",
-        "tokenizer": None}
+        "tokenizer": None, "stats": "0"}
 
 
 def render(ex: Example, tokenizer, words: list[str]) -> str:
@@ -48,6 +51,22 @@ def render(ex: Example, tokenizer, words: list[str]) -> str:
     if ex.input_ids[-1] == tokenizer.eos_token_id and len(ex.input_ids) > ex.span_bounds[-1, 1]:
         parts.append("<eos>" + "*" * target[-1])
     return " ".join(parts)
+
+
+def speech_use(examples: list[Example]) -> dict:
+    """Shares of examples without any loss target and with a target after speech, and of speech frames that a
+    target follows (a causal LM's loss at position t sees positions <= t, so later frames get no gradient)."""
+    n, frames, useful, no_target, after_speech = len(examples), 0, 0, 0, 0
+    for ex in examples:
+        audio = ex.audio_frame_index >= 0
+        targets = ex.loss_mask.nonzero()[0]
+        last = targets[-1] if len(targets) else -1
+        frames += int(audio.sum())
+        useful += int(audio[: last + 1].sum())
+        no_target += not len(targets)
+        after_speech += bool(audio.any() and last > audio.argmax())
+    return {"examples": n, "no_target": no_target / max(n, 1), "target_after_speech": after_speech / max(n, 1),
+            "speech_frames_used": useful / frames if frames else 0.0}
 
 
 def batch_line(i: int, batch: dict) -> str:
@@ -91,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"frames: {spec.hop_seconds * 1000:.0f} ms each; interleave: mode={icfg.mode}, markers={icfg.markers} "
           f"(wrap every S span), loss={icfg.loss}; S = speech span, T = text span, * = loss target\n")
 
-    for cut in cuts.subset(first=n):
+    for cut in cuts.subset(first=n) if n else []:
         words = " ".join(s.text or "" for s in cut.supervisions).split()
         print(f"{cut.id} ({cut.duration:.2f} s): {' '.join(words)}")
         for kind in KINDS[args["kind"]]:
@@ -99,6 +118,14 @@ def main(argv: list[str] | None = None) -> None:
             shown = "dropped (bad input, see the log)" if ex is None else render(ex, tokenizer, words)
             note = f"{kind}->{ex.kind}" if ex is not None and ex.kind != kind else kind
             print(f"  {note:<12} {shown}" + (f"  ({ex.cost} tokens)" if ex is not None else ""))
+    if int(args["stats"]):
+        sample = cuts.subset(first=min(int(args["stats"]), len(cuts)))
+        for kind in KINDS[args["kind"]]:
+            tagged = (fastcopy(c, custom={**(c.custom or {}), KIND_KEY: kind}) for c in sample)
+            u = speech_use([ex for ex in (dataset.example(c, epoch) for c in tagged) if ex and ex.kind == kind])
+            print(f"speech use, {kind} ({u['examples']} examples): {u['no_target']:.1%} without a loss target, "
+                  f"{u['target_after_speech']:.1%} with a target after speech, {u['speech_frames_used']:.1%} of "
+                  f"speech frames followed by a target")
     for i, line in enumerate(lines[: min(n, 2)]):
         ex = builder.text(line, f"text:{i}")
         print(f"text:{i}\n  {'text':<12} {render(ex, tokenizer, line.split())}  ({ex.cost} tokens)")

@@ -7,7 +7,7 @@ from lhotse import CutSet
 from nemo_jstip.data.examples import ExampleBuilder
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
-from nemo_jstip.data.show import main, render
+from nemo_jstip.data.show import main, render, speech_use
 
 
 def test_render_shows_spans_frames_and_targets(tiny_corpus, jstip_tokenizer):
@@ -46,3 +46,30 @@ def test_cli_usage():
         main(["manifest=x.jsonl", "kinds=asr"])
     with pytest.raises(SystemExit, match="usage|python -m"):
         main(["kind=asr"])
+
+
+def test_speech_use_counts_frames_that_a_target_follows(tiny_corpus, jstip_tokenizer):
+    cuts = list(CutSet.from_file(tiny_corpus / "medical_dev_cuts.jsonl").subset(first=6))
+    build = lambda **kw: ExampleBuilder(  # noqa: E731
+        jstip_tokenizer, FrameSpec(), InterleaveConfig(mode="word", binomial_n=60, **kw))
+    asr = speech_use([build().asr(c) for c in cuts])
+    assert asr == {"examples": 6, "no_target": 0.0, "target_after_speech": 1.0, "speech_frames_used": 1.0}
+    # one span per utterance (spans of ~60 words): all speech -> nothing to learn; all text -> no speech at all
+    speech_only = speech_use([build(binomial_p=1.0, first="speech").interleaved(c) for c in cuts])
+    assert speech_only["no_target"] == 1.0 and speech_only["speech_frames_used"] == 0.0
+    text_only = speech_use([build(binomial_p=1.0, first="text").interleaved(c) for c in cuts])
+    assert text_only == {"examples": 6, "no_target": 0.0, "target_after_speech": 0.0, "speech_frames_used": 0.0}
+    # one-word spans starting with speech: every speech span but a trailing one is followed by text
+    examples = [build(binomial_p=0.0, first="speech").interleaved(c) for c in cuts]
+    u = speech_use(examples)
+    assert u["target_after_speech"] == 1.0 and u["no_target"] == 0.0
+    trailing = sum(s.end - s.start for ex in examples for s in ex.spans[-1:] if s.modality == "speech")
+    assert 0.5 < u["speech_frames_used"] < 1.0 if trailing else u["speech_frames_used"] == 1.0
+
+
+def test_cli_prints_speech_use(tiny_corpus, capsys):
+    main([f"manifest={tiny_corpus / 'general_train_cuts.jsonl'}", "n=0", "batches=1", "stats=8", "kind=mixed"])
+    out = capsys.readouterr().out
+    asr = re.search(r"speech use, asr \((\d+) examples\): ([\d.]+)% without .*?, ([\d.]+)% of speech frames", out)
+    assert asr and int(asr[1]) == 8 and float(asr[2]) == 0.0 and float(asr[3]) == 100.0
+    assert re.search(r"speech use, interleaved \(8 examples\)", out) and "[S: " not in out
