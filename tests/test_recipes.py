@@ -31,6 +31,7 @@ MIXTURES = {
        for mode in ("word", "segment", "mixed")},
     "jstip_synthetic": ([("asr", 1.0, TRAIN), ("interleaved", 1.0, TRAIN), ("asr", 0.25, TTS),
                          ("interleaved", 0.25, TTS)], "mixed"),
+    "joint_transcripts": ([("asr", 1.0, TRAIN), ("text", 1.0, TRAIN), ("text", 0.5, TEXT)], None),
 }
 FAST = ["model.train_ds.loader.num_workers=0", "model.train_ds.sampler.num_buckets=1",
         "model.train_ds.sampler.max_tokens=2048"]
@@ -193,3 +194,17 @@ def test_own_domain_text_is_the_only_text_source(tiny_corpus, tokenizer, tmp_pat
     with pytest.raises(ValueError, match="empty.txt' is empty"):
         first_batches(recipe("jstip_tiny", f"data.corpus_dir={tiny_corpus}", f"data.domain_text={empty}", *FAST),
                       tokenizer)
+
+
+def test_transcripts_control_reads_the_asr_transcripts_as_text(tiny_corpus, tokenizer):
+    from lhotse import CutSet
+
+    cfg = recipe("jstip_tiny", f"data.corpus_dir={tiny_corpus}", "mixture=joint_transcripts", *FAST)
+    loader, batches = first_batches(cfg, tokenizer, n=6)
+    transcripts = {" ".join(s.text for s in c.supervisions) for c in CutSet.from_file(cfg.data.train_cuts)}
+    items = [(i, t) for b in batches for i, t, k in zip(b["cut_ids"], b["texts"], b["kinds"]) if k == "text"]
+    ours = [t for i, t in items if i.startswith("transcripts:")]
+    assert ours and set(ours) <= transcripts
+    assert all(t not in transcripts for i, t in items if i.startswith("domain_text:"))
+    assert all((0 if b["audio"] is None else b["audio"].shape[0]) == sum(k == "asr" for k in b["kinds"])
+               for b in batches)

@@ -129,7 +129,8 @@ def _transcript(cut: Cut) -> str:
 def _text(item) -> str:
     """A text item's text, whitespace collapsed within lines: a line break is kept (a prompt-formatted text such
     as ``Question: ...\nAnswer: ...`` must read as the evaluation's prompt does), blank lines dropped."""
-    return "\n".join(line for line in (" ".join(x.split()) for x in str(item.text).splitlines()) if line)
+    raw = _transcript(item) if isinstance(item, Cut) else str(item.text)  # a cut tagged text: its transcript
+    return "\n".join(line for line in (" ".join(x.split()) for x in raw.splitlines()) if line)
 
 
 class CostFn:

@@ -3,9 +3,10 @@
 NeMo reads data from an ``input_cfg`` list whose entries name a registered ``type`` (``@data_type_parser``). We
 register two types, so NeMo's ``read_cutset_from_config`` (and any NeMo recipe) can name them:
 
-* ``jstip_cuts``: ``{type: jstip_cuts, cuts_path: PATH | [PATH, ...], kind: asr | interleaved}``, a Lhotse cut
-  manifest whose cuts are tagged with the kind (``custom["jstip_kind"]``, on copies); relative audio paths
-  resolve against the manifest, as with NeMo's ``lhotse`` type.
+* ``jstip_cuts``: ``{type: jstip_cuts, cuts_path: PATH | [PATH, ...], kind: asr | interleaved | text}``, a Lhotse
+  cut manifest whose cuts are tagged with the kind (``custom["jstip_kind"]``, on copies); relative audio paths
+  resolve against the manifest, as with NeMo's ``lhotse`` type. ``kind: text`` trains on the transcripts as text
+  only (the audio is never read): the control that gives a mixture interleaving's transcript text without speech.
 * ``jstip_text``: ``{type: jstip_text, paths: PATH | [PATH, ...]}``, domain text, one sentence per line, as NeMo
   ``TextExample`` items tagged ``text``; blank lines are skipped; finite (the sampler repeats it); not tarred,
   so it mixes with ``jstip_cuts`` in a NeMo ``input_cfg``. A missing or empty file is an error when it is read.
@@ -30,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 from lhotse import CutSet
+from lhotse.cut import Cut
 from lhotse.lazy import LazyIteratorChain
 from lhotse.utils import fastcopy
 from nemo.collections.common.data.lhotse.cutset import (
@@ -43,7 +45,7 @@ from nemo.collections.common.data.lhotse.text_adapters import TextExample
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, make_cost_fn
+from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, _transcript, make_cost_fn
 from nemo_jstip.data.examples import ExampleBuilder
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
@@ -64,8 +66,8 @@ def _tag(cut, kind: str):
 def read_jstip_cuts(config) -> tuple[CutSet, bool]:
     """``type: jstip_cuts``: cut manifest(s) at ``cuts_path``, each cut tagged with ``kind``."""
     kind = config.get("kind")
-    if kind not in ("asr", "interleaved"):
-        raise ValueError(f"jstip_cuts needs kind: asr | interleaved, got {kind!r} ({config.get('cuts_path')})")
+    if kind not in KINDS:
+        raise ValueError(f"jstip_cuts needs kind: {' | '.join(KINDS)}, got {kind!r} ({config.get('cuts_path')})")
     paths = expand_sharded_filepaths(config.cuts_path)
     parts = [CutSet.from_file(p).map(partial(resolve_relative_paths, manifest_path=p)) for p in paths]
     cuts = parts[0] if len(parts) == 1 else CutSet(LazyIteratorChain(*parts))
@@ -124,13 +126,14 @@ register()
 
 
 class _Texts:
-    """A text stream's source for the sampler: the ``.text`` of each item NeMo's parser gives, re-iterable."""
+    """A text stream's source for the sampler: the ``.text`` of each item NeMo's parser gives (a cut's transcript),
+    re-iterable."""
 
     def __init__(self, items):
         self.items = items
 
     def __iter__(self) -> Iterator[str]:
-        return (x.text.strip() for x in self.items)
+        return ((_transcript(x) if isinstance(x, Cut) else x.text).strip() for x in self.items)
 
 
 def streams_from_input_cfg(input_cfg) -> list[Stream]:

@@ -55,12 +55,19 @@ def test_nemo_reads_our_types(tiny_corpus, jstip_tokenizer):
     n_train = len((tiny_corpus / "general_train_cuts.jsonl").read_text().splitlines())
     assert not is_tarred and kinds["interleaved"] == n_train and kinds["text"] > 0
     assert all(x.text == x.text.strip() and x.text in lines for x in items if x.custom[KIND_KEY] == "text")
-    with pytest.raises(ValueError, match="kind"):
-        nemo_types.read_jstip_cuts(OmegaConf.create({"cuts_path": "x.jsonl", "kind": "text"}))
+    with pytest.raises(ValueError, match=re.escape("kind: asr | interleaved | text, got 'speech'")):
+        nemo_types.read_jstip_cuts(OmegaConf.create({"cuts_path": "x.jsonl", "kind": "speech"}))
     # the dataset takes NeMo's items as they come (e.g. behind NeMo's own samplers): tagged cuts, TextExample
     dataset = JSTIPDataset(ExampleBuilder(jstip_tokenizer, FrameSpec(), InterleaveConfig()), DatasetConfig(load_audio=False))
     batch = dataset[items[:12]]
     assert Counter(batch["kinds"]) == Counter(x.custom[KIND_KEY] for x in items[:12]) and batch["problems"] == {}
+    # kind: text, the transcripts without their audio (the transcript-text control)
+    text_cfg = {"input_cfg": [{"type": "jstip_cuts", "cuts_path": str(tiny_corpus / "general_train_cuts.jsonl"),
+                               "kind": "text"}], "force_finite": True, "shard_seed": 0}
+    cuts = list(nemo_cutset.read_cutset_from_config(text_cfg)[0])[:5]
+    batch = dataset[cuts]
+    assert batch["kinds"] == ["text"] * 5 and batch["audio"] is None and batch["problems"] == {}
+    assert batch["texts"] == [" ".join(s.text for s in c.supervisions) for c in cuts]
 
 
 def test_build_dataloader_from_the_docs_yaml(tiny_corpus, jstip_tokenizer):
