@@ -31,7 +31,6 @@ from typing import Any, Iterator
 
 import torch
 from lhotse import CutSet
-from lhotse.cut import Cut
 from lhotse.lazy import LazyIteratorChain
 from lhotse.utils import fastcopy
 from nemo.collections.common.data.lhotse.cutset import (
@@ -45,7 +44,7 @@ from nemo.collections.common.data.lhotse.text_adapters import TextExample
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, _transcript, make_cost_fn
+from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, _text, make_cost_fn
 from nemo_jstip.data.examples import ExampleBuilder
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
@@ -133,7 +132,7 @@ class _Texts:
         self.items = items
 
     def __iter__(self) -> Iterator[str]:
-        return ((_transcript(x) if isinstance(x, Cut) else x.text).strip() for x in self.items)
+        return (_text(x) for x in self.items)
 
 
 def streams_from_input_cfg(input_cfg) -> list[Stream]:
