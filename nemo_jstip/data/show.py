@@ -22,14 +22,14 @@ from collections import Counter
 from pathlib import Path
 
 from lhotse import CutSet
-from lhotse.utils import fastcopy
 from omegaconf import OmegaConf
 
 from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, make_cost_fn
 from nemo_jstip.data.examples import Example, ExampleBuilder, add_special_tokens
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import SPEECH, InterleaveConfig
-from nemo_jstip.data.sampler import KIND_KEY, InterleavingSampler, Stream
+from nemo_jstip.data.nemo_types import _tag
+from nemo_jstip.data.sampler import InterleavingSampler, Stream
 from nemo_jstip.prep.tokenizer import train_tokenizer
 
 KINDS = {"interleaved": ("interleaved",), "asr": ("asr",), "mixed": ("asr", "interleaved")}
@@ -114,15 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         words = " ".join(s.text or "" for s in cut.supervisions).split()
         print(f"{cut.id} ({cut.duration:.2f} s): {' '.join(words)}")
         for kind in KINDS[args["kind"]]:
-            ex = dataset.example(fastcopy(cut, custom={**(cut.custom or {}), KIND_KEY: kind}), epoch)
+            ex = dataset.example(_tag(cut, kind), epoch)
             shown = "dropped (bad input, see the log)" if ex is None else render(ex, tokenizer, words)
             note = f"{kind}->{ex.kind}" if ex is not None and ex.kind != kind else kind
             print(f"  {note:<12} {shown}" + (f"  ({ex.cost} tokens)" if ex is not None else ""))
     if int(args["stats"]):
         sample = cuts.subset(first=min(int(args["stats"]), len(cuts)))
         for kind in KINDS[args["kind"]]:
-            tagged = (fastcopy(c, custom={**(c.custom or {}), KIND_KEY: kind}) for c in sample)
-            u = speech_use([ex for ex in (dataset.example(c, epoch) for c in tagged) if ex and ex.kind == kind])
+            built = (dataset.example(_tag(c, kind), epoch) for c in sample)
+            u = speech_use([ex for ex in built if ex and ex.kind == kind])
             print(f"speech use, {kind} ({u['examples']} examples): {u['no_target']:.1%} without a loss target, "
                   f"{u['target_after_speech']:.1%} with a target after speech, {u['speech_frames_used']:.1%} of "
                   f"speech frames followed by a target")
