@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SYSTEMS = ("asr_only", "joint", "jstip_word", "jstip_segment", "jstip_mixed", "jstip_synthetic")
-CONTROLS = ("joint_transcripts",)  # mixtures run on request only, not in the default grid
+CONTROLS = ("joint_transcripts", "jstip_word_transcripts")  # mixtures run on request only, not in the default grid
 CORPUS, TTS_CORPUS = "data/demo_corpus", "data/demo_corpus_tts"
 ENCODER = f"{CORPUS}/asr_ctc/asr_ctc.nemo"  # conf/jstip_repro.yaml's pretrained.asr_encoder
 TTS_SIZES = ["sizes.medical_textspeech=1500", "sizes.banking_textspeech=1500"]

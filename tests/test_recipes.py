@@ -32,6 +32,8 @@ MIXTURES = {
     "jstip_synthetic": ([("asr", 1.0, TRAIN), ("interleaved", 1.0, TRAIN), ("asr", 0.25, TTS),
                          ("interleaved", 0.25, TTS)], "mixed"),
     "joint_transcripts": ([("asr", 1.0, TRAIN), ("text", 1.0, TRAIN), ("text", 0.5, TEXT)], None),
+    "jstip_word_transcripts": ([("asr", 1.0, TRAIN), ("interleaved", 0.5, TRAIN), ("text", 0.5, TRAIN),
+                                ("text", 0.5, TEXT)], "word"),
 }
 FAST = ["model.train_ds.loader.num_workers=0", "model.train_ds.sampler.num_buckets=1",
         "model.train_ds.sampler.max_tokens=2048"]
