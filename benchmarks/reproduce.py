@@ -13,18 +13,25 @@ Resumable: a run whose eval ``metrics.json`` exists is skipped, an existing ``.n
 training run continues from its last checkpoint (``exp_manager.resume_if_exists``). The aggregate (Markdown tables of
 the seed means and of each system paired with each ``--baseline`` seed by seed, plots via ``nemo_jstip.plots.compare``)
 goes between the markers of ``--results`` (docs/results.md, the rest of the file is kept) and PNGs under ``--plots``
-(docs/results/).
+(docs/results/). Run folders are git-ignored and a fresh checkout has none, so each finished run's evaluations
+(metrics, hypotheses gzipped, timing) and the fingerprint of the encoder and LLM it was trained on are also copied to
+``--archive`` (docs/runs/OUT_NAME/, committed); the aggregation reads a run from there when its folder is gone, and
+pairs two runs only when they were trained on the same prepared encoder and LLM (a fresh checkout's encoder build
+differs slightly).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
 import os
 import shlex
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,6 +102,40 @@ def run_commands(system: str, seed: int, out: Path, steps: int | None, extra: li
     return cmds
 
 
+def fingerprint(path: str | Path) -> str | None:
+    """12 hex digits of a prepared input's content: a .nemo's members (not its tar headers, whose times change on
+    every save), a folder's ``*.safetensors``, else the file's bytes; None when it does not exist."""
+    path, h = Path(path), hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.glob("*.safetensors")):
+            h.update(f.read_bytes())
+    elif path.suffix == ".nemo" and path.is_file():
+        with tarfile.open(path) as tar:
+            for m in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name):
+                h.update(m.name.encode() + tar.extractfile(m).read())
+    elif path.is_file():
+        h.update(path.read_bytes())
+    else:
+        return None
+    return h.hexdigest()[:12]
+
+
+def archive_run(out: Path, name: str, archive: Path) -> bool:
+    """Copy a run's evaluations, timing and build to ``archive/name`` (hypotheses gzipped without a timestamp, so
+    an unchanged run rewrites identical bytes); False when it has no evaluation yet."""
+    src, dst = out / name, archive / name
+    evals = sorted(d for d in src.glob("eval_*") if (d / "metrics.json").exists())
+    for d in evals:
+        (dst / d.name).mkdir(parents=True, exist_ok=True)
+        (dst / d.name / "metrics.json").write_bytes((d / "metrics.json").read_bytes())
+        if (d / "hypotheses.jsonl").exists():
+            (dst / d.name / "hypotheses.jsonl.gz").write_bytes(gzip.compress((d / "hypotheses.jsonl").read_bytes(), mtime=0))
+    for f in ("timing.json", "build.json"):
+        if evals and (src / f).exists():
+            (dst / f).write_bytes((src / f).read_bytes())
+    return bool(evals)
+
+
 def _run(cmd: list[str], log: Path, on_tick=None, tick_s: float = 60.0) -> float:
     """Run from the repo root, output to ``log``; returns wall seconds; raises on failure. ``on_tick(seconds so
     far)`` is called every ``tick_s`` while it runs, so a killed run still leaves its time behind."""
@@ -120,13 +161,18 @@ def _run(cmd: list[str], log: Path, on_tick=None, tick_s: float = 60.0) -> float
     return time.time() - t0
 
 
-def run_one(system: str, seed: int, out: Path, cmds: dict[str, list[str]], tag: str = "") -> dict:
+def run_one(system: str, seed: int, out: Path, cmds: dict[str, list[str]], tag: str = "",
+            build: dict | None = None) -> dict:
     """Train (unless the .nemo exists) and evaluate (unless metrics.json exists); times go to ``timing.json``,
-    updated every minute, so a run resumed after a kill adds to the time it had spent."""
+    updated every minute, so a run resumed after a kill adds to the time it had spent. ``build`` (the prepared
+    inputs' fingerprints) goes to ``build.json`` when training starts; a resumed run keeps the one it began with."""
     name = run_name(system, seed, tag)
     rdir = out / name
     timing_path = rdir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    if build and not (rdir / "build.json").exists() and not (out / f"{name}.nemo").exists():
+        rdir.mkdir(parents=True, exist_ok=True)
+        (rdir / "build.json").write_text(json.dumps(build, indent=1))
 
     def record(step: str, seconds: float) -> None:
         timing[step] = round(seconds, 1)
@@ -183,12 +229,19 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{m:.1f} ± {scale * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
-def collect(out: Path, systems: list[str], seeds: list[int], split: str, tag: str = "") -> dict[str, list[dict]]:
+def _run_dir(out: Path, name: str, split: str, archive: Path | None = None) -> Path | None:
+    """Where a run's ``eval_{split}`` is: its run folder, else its archived copy (None: not evaluated)."""
+    return next((root / name for root in (out, archive) if root and (root / name / f"eval_{split}" / "metrics.json").exists()),
+                None)
+
+
+def collect(out: Path, systems: list[str], seeds: list[int], split: str, tag: str = "",
+            archive: Path | None = None) -> dict[str, list[dict]]:
     """``system -> [metrics of each finished seed]`` (systems without any finished seed are left out)."""
     found = {}
     for s in systems:
-        ms = [json.loads(p.read_text()) for seed in seeds
-              if (p := out / run_name(s, seed, tag) / f"eval_{split}" / "metrics.json").exists()]
+        ms = [json.loads((d / f"eval_{split}" / "metrics.json").read_text()) for seed in seeds
+              if (d := _run_dir(out, run_name(s, seed, tag), split, archive))]
         if ms:
             found[s] = ms
     return found
@@ -209,32 +262,44 @@ def table(found: dict[str, list[dict]], timings: dict[str, list[float]] | None =
     return "\n".join(lines) + "\n"
 
 
-def _decoded(out: Path, system: str, seed: int, split: str, tag: str) -> tuple[dict, list[dict]] | None:
-    d = out / run_name(system, seed, tag) / f"eval_{split}"
-    if not ((d / "metrics.json").exists() and (d / "hypotheses.jsonl").exists()):
+def _decoded(out: Path, system: str, seed: int, split: str, tag: str,
+             archive: Path | None = None) -> tuple[dict, list[dict], dict] | None:
+    """(metrics, hypotheses, build) of an evaluated run; None without its hypotheses."""
+    if not (d := _run_dir(out, run_name(system, seed, tag), split, archive)):
         return None
-    rows = [json.loads(line) for line in (d / "hypotheses.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads((d / "metrics.json").read_text()), rows
+    e = d / f"eval_{split}"
+    if (e / "hypotheses.jsonl").exists():
+        text = (e / "hypotheses.jsonl").read_text()
+    elif (e / "hypotheses.jsonl.gz").exists():
+        text = gzip.decompress((e / "hypotheses.jsonl.gz").read_bytes()).decode()
+    else:
+        return None
+    build = json.loads((d / "build.json").read_text()) if (d / "build.json").exists() else {}
+    return json.loads((e / "metrics.json").read_text()), [json.loads(x) for x in text.splitlines() if x.strip()], build
 
 
 def _deltas(pairs: list[tuple], path: tuple) -> list[float]:
-    return [x - y for (ma, _), (mb, _) in pairs if (x := _get(ma, path)) is not None and (y := _get(mb, path)) is not None]
+    return [x - y for (ma, *_), (mb, *_) in pairs if (x := _get(ma, path)) is not None and (y := _get(mb, path)) is not None]
 
 
-def paired_table(out: Path, systems: list[str], seeds: list[int], split: str, baseline: str, tag: str = "") -> str:
+def paired_table(out: Path, systems: list[str], seeds: list[int], split: str, baseline: str, tag: str = "",
+                 archive: Path | None = None) -> str:
     """Markdown: each system against ``baseline`` trained with the same seed. Per-seed differences in percentage points
     (mean ± std over seeds; entity accuracy + = more than the baseline, WER + = worse), how many seeds are ahead, and
     the entity mentions only one of the pair gets, summed over seeds, with McNemar's exact p-value (pooled and per
-    seed): chance in the mentions, which the seed spread does not show, and vice versa. Empty when nothing pairs."""
+    seed): chance in the mentions, which the seed spread does not show, and vice versa. Runs whose ``build.json``
+    name different prepared inputs are not paired (counted below the table). Empty when nothing pairs."""
     from nemo_jstip.metrics import paired_mentions, sign_test
 
     cols = [("WER", ("wer",)), *[(f"{d} WER", ("domains", d, "wer")) for d in DOMAINS]]
-    lines = []
+    lines, unpaired = [], 0
     for s in systems:
         if s == baseline:
             continue
-        pairs = [(a, b) for seed in seeds
-                 if (a := _decoded(out, s, seed, split, tag)) and (b := _decoded(out, baseline, seed, split, tag))]
+        both = [(a, b) for seed in seeds if (a := _decoded(out, s, seed, split, tag, archive))
+                and (b := _decoded(out, baseline, seed, split, tag, archive))]
+        pairs = [(a, b) for a, b in both if not (a[2] and b[2] and a[2] != b[2])]
+        unpaired += len(both) - len(pairs)
         if not pairs:
             continue
         pm = [paired_mentions(a[1], b[1]) for a, b in pairs]
@@ -245,32 +310,35 @@ def paired_table(out: Path, systems: list[str], seeds: list[int], split: str, ba
                                         ", ".join(f"{p['p_value']:.2g}" for p in pm),
                                         *[mean_std(_deltas(pairs, path)) for _, path in cols]]) + " |")
     if not lines:
-        return ""
+        return f"({unpaired} seeds not paired: trained on different encoder / LLM builds)\n" if unpaired else ""
     head = ["system", "seeds", "Δ entity acc pp", "seeds ahead", "mentions only it / only the baseline gets",
             "McNemar p (pooled)", "McNemar p per seed", *[f"Δ {c} pp" for c, _ in cols]]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]) + "\n"
+    note = [f"\n({unpaired} seeds not paired: trained on different encoder / LLM builds)"] if unpaired else []
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines, *note]) + "\n"
 
 
 def aggregate(out: Path, systems: list[str], seeds: list[int], results: Path, plots: Path, tag: str = "",
-              baselines: tuple[str, ...] = ("joint",)) -> str:
+              baselines: tuple[str, ...] = ("joint",), archive: Path | None = None) -> str:
     """Tables (dev and test; each system paired with each of ``baselines`` on the same seed) + plots of the seed
-    means; written between the markers of ``results``."""
+    means; written between the markers of ``results``. Runs missing from ``out`` are read from ``archive``."""
     from nemo_jstip.plots import compare
 
     timings = {}
     for s in systems:
-        ts = [json.loads(p.read_text()) for seed in seeds if (p := out / run_name(s, seed, tag) / "timing.json").exists()]
+        found = [next((f for root in (out, archive) if root and (f := root / run_name(s, seed, tag) / "timing.json").exists()),
+                      None) for seed in seeds]
+        ts = [json.loads(f.read_text()) for f in found if f]
         timings[s] = [sum(t.values()) for t in ts if "train" in t]
     shown = os.path.relpath(out, ROOT) if Path(out).resolve().is_relative_to(ROOT) else out
     parts = [BEGIN, f"_Generated by `benchmarks/reproduce.py` from `{shown}` (seeds {seeds}); mean ± sample std over "
              "seeds, in percent; minutes per run = train + evaluations, as measured._\n"]
     for split in ("test", "dev"):
-        found = collect(out, systems, seeds, split, tag)
+        found = collect(out, systems, seeds, split, tag, archive)
         if not found:
             continue
         parts += [f"### {split} sets\n", table(found, timings if split == "test" else None)]
         for baseline in baselines:
-            if paired := paired_table(out, systems, seeds, split, baseline, tag):
+            if paired := paired_table(out, systems, seeds, split, baseline, tag, archive):
                 parts += [f"Paired with {baseline} (same seed):\n", paired]
         mean_dir = out / f"mean_{split}"
         dirs = {}
@@ -320,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dev-only", action="store_const", dest="splits", const="dev", help="= --splits dev (setting choices)")
     p.add_argument("--results", default="docs/results.md")
     p.add_argument("--plots", default="docs/results")
+    p.add_argument("--archive", default="docs/runs", help="where finished runs are copied, under the --out folder's "
+                   "name, and read back from when their folder is gone ('' : neither)")
     p.add_argument("--no-aggregate", action="store_true")
     p.add_argument("--baseline", default="joint", help="the systems every other one is paired with, seed by seed, "
                    "comma list (default joint)")
@@ -345,8 +415,15 @@ def main(argv: list[str] | None = None) -> None:
     splits = [x for x in a.splits.split(",") if x]
     if unknown := set(splits) - set(SPLITS):
         p.error(f"unknown splits {sorted(unknown)}; choose from {sorted(SPLITS)}")
+    archive = ROOT / a.archive / out.name if a.archive else None
+
+    def archived(names) -> None:  # idempotent: also catches runs finished by an earlier process
+        for n in names if archive else ():
+            archive_run(out, n, archive)
+
     if a.aggregate_only:
-        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, baselines))
+        archived([run_name(s, seed, a.tag) for s in systems for seed in seeds])
+        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, baselines, archive))
         return
     runs = [(s, seed, run_commands(s, seed, out, a.steps, extra, a.tag, splits, a.config, a.eval_set))
             for seed in seeds for s in systems]
@@ -370,10 +447,13 @@ def main(argv: list[str] | None = None) -> None:
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(prep_one, [(made, cmd) for made, cmd in stage if not (made and (ROOT / made).exists())]))
 
+    build = {"encoder": fingerprint(ROOT / a.encoder), "llm": fingerprint(ROOT / a.llm)}
+
     def one(run) -> str | None:
         s, seed, cmds = run
         try:
-            timing = run_one(s, seed, out, cmds, a.tag)
+            timing = run_one(s, seed, out, cmds, a.tag, build)
+            archived([run_name(s, seed, a.tag)])
         except RuntimeError as e:  # the other runs go on; rerunning resumes this one
             print(f"[{run_name(s, seed, a.tag)}] FAILED: {e}", flush=True)
             return run_name(s, seed, a.tag)
@@ -386,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         sys.exit(f"failed runs (see their logs; rerun to resume): {', '.join(failed)}")
     if not a.no_aggregate:
-        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, baselines))
+        print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, baselines, archive))
 
 
 if __name__ == "__main__":

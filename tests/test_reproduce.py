@@ -3,7 +3,10 @@ list, and a tiny ``pretrain_llm`` folder that ``JSTIPModel`` loads through the r
 import functools
 import importlib.util
 import json
+import os
+import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -76,7 +79,8 @@ def test_aggregate_only_runs_nothing(monkeypatch, tmp_path):
     _finished_runs(tmp_path / "runs")
     monkeypatch.setattr(reproduce, "_run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
     reproduce.main(["--seeds", "2", "--systems", "asr_only,jstip_mixed", "--out", str(tmp_path / "runs"),
-                    "--results", str(tmp_path / "results.md"), "--plots", str(tmp_path / "plots"), "--aggregate-only"])
+                    "--results", str(tmp_path / "results.md"), "--plots", str(tmp_path / "plots"), "--aggregate-only",
+                    "--archive", ""])
     text = (tmp_path / "results.md").read_text()
     assert "| asr_only | 2 | 40.0 ± 14.1 |" in text and "| jstip_mixed | 1 | 20.0 |" in text
     assert not (tmp_path / "runs" / "train").exists()
@@ -111,7 +115,8 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
     assert (tmp_path / "jstip_word_w15_s1").is_dir() and variant.startswith("| jstip_word@w15 | 1 | 0.0 | 0 of 1 |")
     results = tmp_path / "results.md"
     reproduce.main(["--seeds", "1,2,3", "--systems", "joint,jstip_word", "--baseline", "joint,jstip_word", "--out",
-                    str(tmp_path), "--results", str(results), "--plots", str(tmp_path / "plots"), "--aggregate-only"])
+                    str(tmp_path), "--results", str(results), "--plots", str(tmp_path / "plots"), "--aggregate-only",
+                    "--archive", str(tmp_path / "archive")])
     generated = results.read_text()  # one paired table per baseline: the reverse pairing mirrors the mentions
     assert f"Paired with joint (same seed):\n\n{text}" in generated
     assert "Paired with jstip_word (same seed):" in generated
@@ -122,6 +127,49 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
     assert not (tmp_path / "other.md").exists()
     with pytest.raises(SystemExit):  # a SYSTEM@TAG label only tabulates: a variant is trained with --tag and --set
         reproduce.main(["--systems", "jstip_word@w15", "--out", str(tmp_path), "--dry-run"])
+
+
+def test_archive_keeps_runs_for_a_fresh_checkout(tmp_path):
+    """Finished runs are copied (hypotheses gzipped, byte-identical on a rerun); once their folders are gone the tables
+    read the copies; runs trained on different encoder builds are not paired."""
+    out, archive = tmp_path / "repro_6k", tmp_path / "archive"
+    ref = [("medical", "give metformin now", "metformin"), ("general", "hello there", None)]
+    hyps = {("joint", 1, "e1"): ["give met for min now", "hello there"], ("jstip_word", 1, "e1"): ["give metformin now", "hello"],
+            ("joint", 2, "e1"): ["give met for min now", "hello there"], ("jstip_word", 2, "e2"): ["give metformin now", "hello"]}
+    for (system, seed, enc), hs in hyps.items():
+        d = out / reproduce.run_name(system, seed) / "eval_dev"
+        d.mkdir(parents=True)
+        rows = [{"cut_id": f"c{i}", "reference": r, "hypothesis": h, "domain": dom,
+                 "entities": [{"text": e, "type": "x"}] if e else []} for i, ((dom, r, e), h) in enumerate(zip(ref, hs))]
+        (d / "hypotheses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "metrics.json").write_text(json.dumps(summarize(rows)))
+        (d.parent / "build.json").write_text(json.dumps({"encoder": enc, "llm": "l1"}))
+        (d.parent / "timing.json").write_text(json.dumps({"train": 60.0, "eval_dev": 6.0}))
+    before = reproduce.paired_table(out, ["jstip_word"], [1, 2], "dev", "joint")
+    assert reproduce.archive_run(out, "joint_s1", archive) and not reproduce.archive_run(out, "asr_only_s1", archive)
+    gz = (archive / "joint_s1" / "eval_dev" / "hypotheses.jsonl.gz").read_bytes()
+    reproduce.main(["--seeds", "1,2", "--systems", "joint,jstip_word", "--out", str(out), "--aggregate-only", "--dev-only",
+                    "--archive", str(archive), "--results", str(tmp_path / "a.md"), "--plots", str(tmp_path / "p")])
+    assert (archive / "repro_6k" / "joint_s1" / "eval_dev" / "hypotheses.jsonl.gz").read_bytes() == gz
+    assert json.loads((archive / "repro_6k" / "jstip_word_s2" / "build.json").read_text())["encoder"] == "e2"
+    for d in out.glob("*_s*"):  # a fresh checkout: only the committed copies are left
+        shutil.rmtree(d)
+    kept = archive / "repro_6k"
+    after = reproduce.paired_table(out, ["jstip_word"], [1, 2], "dev", "joint", archive=kept)
+    assert after == before and "| jstip_word | 1 | 100.0 | 1 of 1 | 1 / 0 |" in after
+    assert "(1 seeds not paired: trained on different encoder / LLM builds)" in after
+    assert reproduce.paired_table(out, ["jstip_word"], [1, 2], "dev", "joint") == ""
+    assert list(reproduce.collect(out, ["joint", "jstip_word"], [1, 2], "dev", archive=kept)) == ["joint", "jstip_word"]
+    assert reproduce.fingerprint(tmp_path / "missing.nemo") is None
+    weights = tmp_path / "model_weights.ckpt"
+    prints = []
+    for mtime, content in ((1, b"w1"), (2, b"w1"), (3, b"w2")):  # a .nemo saved again: same weights, new tar times
+        weights.write_bytes(content)
+        os.utime(weights, (mtime, mtime))
+        with tarfile.open(tmp_path / f"enc{mtime}.nemo", "w") as tar:
+            tar.add(weights, arcname="model_weights.ckpt")
+        prints.append(reproduce.fingerprint(tmp_path / f"enc{mtime}.nemo"))
+    assert prints[0] == prints[1] != prints[2]
 
 
 def test_dry_run_lists_every_command(capsys):
@@ -276,7 +324,7 @@ def test_runs_go_on_when_one_fails(monkeypatch, tmp_path, capsys):
     """--jobs runs several at a time; a failed run is reported at the end and does not stop the others."""
     done = []
 
-    def fake_run_one(system, seed, out, cmds, tag=""):
+    def fake_run_one(system, seed, out, cmds, tag="", build=None):
         if system == "joint":
             raise RuntimeError("exit 1: boom")
         done.append((system, seed))
@@ -286,7 +334,8 @@ def test_runs_go_on_when_one_fails(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(reproduce, "_run", lambda cmd, log: 0.0)  # prep: nothing to build
     with pytest.raises(SystemExit, match="joint_s1, joint_s2"):
         reproduce.main(["--seeds", "2", "--systems", "asr_only,joint,jstip_word", "--jobs", "2",
-                        "--out", str(tmp_path), "--no-aggregate"])
+                        "--out", str(tmp_path), "--no-aggregate", "--archive", str(tmp_path / "archive"),
+                        "--encoder", str(tmp_path / "enc.nemo"), "--llm", str(tmp_path / "llm")])
     assert sorted(done) == [("asr_only", 1), ("asr_only", 2), ("jstip_word", 1), ("jstip_word", 2)]
     assert "[joint_s1] FAILED: exit 1: boom" in capsys.readouterr().out
 
