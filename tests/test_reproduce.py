@@ -50,6 +50,15 @@ def _finished_runs(out: Path) -> None:
         (d.parent / "timing.json").write_text(json.dumps({"train": 240.0, "eval_test": 60.0}))
 
 
+def _decoded_run(d: Path, ref: list[tuple], hyps: list[str]) -> None:
+    """An evaluation folder as jstip_eval leaves it: hypotheses of the (domain, reference, entity) cuts + metrics."""
+    d.mkdir(parents=True)
+    rows = [{"cut_id": f"c{i}", "reference": r, "hypothesis": h, "domain": dom,
+             "entities": [{"text": e, "type": "x"}] if e else []} for i, ((dom, r, e), h) in enumerate(zip(ref, hyps))]
+    (d / "hypotheses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "metrics.json").write_text(json.dumps(summarize(rows)))
+
+
 def test_aggregate_mean_std_table_and_plots(tmp_path):
     out = tmp_path / "runs"
     _finished_runs(out)
@@ -97,12 +106,7 @@ def test_paired_table_compares_each_seed_with_the_baseline(tmp_path):
             ("jstip_word", 3): ["give metformin now", "pay chase today", "hello there"],  # no joint seed 3: unpaired
             ("jstip_word@w15", 1): ["give metformin now", "pay chess today", "hello there"]}  # a --tag w15 variant
     for (system, seed), hs in hyps.items():
-        d = tmp_path / reproduce.run_name(system, seed) / "eval_test"
-        d.mkdir(parents=True)
-        rows = [{"cut_id": f"c{i}", "reference": r, "hypothesis": h, "domain": dom,
-                 "entities": [{"text": e, "type": "x"}] if e else []} for i, ((dom, r, e), h) in enumerate(zip(ref, hs))]
-        (d / "hypotheses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (d / "metrics.json").write_text(json.dumps(summarize(rows)))
+        _decoded_run(tmp_path / reproduce.run_name(system, seed) / "eval_test", ref, hs)
     text = reproduce.paired_table(tmp_path, ["joint", "jstip_word"], [1, 2, 3], "test", "joint")
     head, _, row = text.splitlines()
     cells = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | ")))
@@ -137,14 +141,10 @@ def test_archive_keeps_runs_for_a_fresh_checkout(tmp_path):
     hyps = {("joint", 1, "e1"): ["give met for min now", "hello there"], ("jstip_word", 1, "e1"): ["give metformin now", "hello"],
             ("joint", 2, "e1"): ["give met for min now", "hello there"], ("jstip_word", 2, "e2"): ["give metformin now", "hello"]}
     for (system, seed, enc), hs in hyps.items():
-        d = out / reproduce.run_name(system, seed) / "eval_dev"
-        d.mkdir(parents=True)
-        rows = [{"cut_id": f"c{i}", "reference": r, "hypothesis": h, "domain": dom,
-                 "entities": [{"text": e, "type": "x"}] if e else []} for i, ((dom, r, e), h) in enumerate(zip(ref, hs))]
-        (d / "hypotheses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (d / "metrics.json").write_text(json.dumps(summarize(rows)))
-        (d.parent / "build.json").write_text(json.dumps({"encoder": enc, "llm": "l1"}))
-        (d.parent / "timing.json").write_text(json.dumps({"train": 60.0, "eval_dev": 6.0}))
+        d = out / reproduce.run_name(system, seed)
+        _decoded_run(d / "eval_dev", ref, hs)
+        (d / "build.json").write_text(json.dumps({"encoder": enc, "llm": "l1"}))
+        (d / "timing.json").write_text(json.dumps({"train": 60.0, "eval_dev": 6.0}))
     before = reproduce.paired_table(out, ["jstip_word"], [1, 2], "dev", "joint")
     assert reproduce.archive_run(out, "joint_s1", archive) and not reproduce.archive_run(out, "asr_only_s1", archive)
     gz = (archive / "joint_s1" / "eval_dev" / "hypotheses.jsonl.gz").read_bytes()
