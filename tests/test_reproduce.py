@@ -238,6 +238,7 @@ def _load_from_hf(model_cfg: dict, hf_dir: str) -> dict:
 
 
 def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
+    from lhotse import CutSet
     from transformers import AutoConfig
 
     from nemo_jstip.modules.hf_import import llm_config_from_hf
@@ -259,11 +260,15 @@ def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
     cfg = PretrainConfig(corpus_dir=str(corpus), extra_general=40, qa_repeats=1)
     train, held = split_heldout(corpus_lines(corpus, 40, 1, 0), cfg.heldout, cfg.seed)
     assert replay("general") == train["general"] and replay("qa") == train["qa"] and sorted(llm_dir.glob("replay*")) == \
-        [llm_dir / "replay_general.jsonl", llm_dir / "replay_qa.jsonl"]
+        [llm_dir / f"replay_{s}.jsonl" for s in ("general", "general_new", "qa")]
     assert not set(replay("general")) & set(held["general"]) and all("\nAnswer: " in x for x in replay("qa"))
+    # general_new: the general training lines that are not ASR transcripts (the 40 generated, but held-out ones)
+    heard = {c.supervisions[0].text for c in CutSet.from_file(corpus / "general_train_cuts.jsonl")}
+    assert replay("general_new") == [x for x in train["general"] if x not in heard] and replay("general_new")
     (llm_dir / "replay_qa.jsonl").unlink()  # a folder from before the files existed gets them when reused
+    (llm_dir / "replay_general_new.jsonl").unlink()
     pretrain_main(args)
-    assert replay("qa") == train["qa"]
+    assert replay("qa") == train["qa"] and replay("general_new") and not set(replay("general_new")) & heard
     # reproduce.py runs both steps every time: a current folder is reused, a stale one rebuilt
     stamp = (llm_dir / "model.safetensors").stat().st_mtime_ns
     assert pretrain_main(args)["tokenizer_sha"] == result["tokenizer_sha"]

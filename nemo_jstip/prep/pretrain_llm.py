@@ -17,7 +17,9 @@ weights (safetensors), the HF config, the tokenizer (the corpus tokenizer plus J
 way ``JSTIPModel`` adds them, so the recipe reads tokenizer and weights from one place), ``pretrain.json`` and
 ``replay_general.jsonl`` / ``replay_qa.jsonl``: the pretraining lines of the general text and of the QA facts (not
 the domain text, which is what the systems differ in), for a fine-tuning mixture that replays them, each at its own
-weight, to keep the LLM's knowledge (NeMo's ``txt_jsonl`` input type; docs/results_replay.md).
+weight, to keep the LLM's knowledge (NeMo's ``txt_jsonl`` input type; docs/results_replay.md). ``replay_general_new.jsonl``
+holds the general lines that are not ASR training transcripts: general text of the transcripts' register that the
+model never hears, the control that separates "transcript text" from "any general text" (docs/results.md).
 Deterministic for a seed (single process, fixed data order).
 """
 
@@ -84,7 +86,7 @@ def corpus_lines(corpus_dir: str | Path, extra_general: int, qa_repeats: int, se
     return out
 
 
-REPLAY_SOURCES = ("general", "qa")
+REPLAY_SOURCES = ("general", "qa", "general_new")  # general_new: the general lines that are not ASR transcripts
 
 
 def split_heldout(lines: dict[str, list[str]], share: float, seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -105,12 +107,16 @@ def split_heldout(lines: dict[str, list[str]], share: float, seed: int) -> tuple
 def write_replay(cfg: PretrainConfig, out: Path, train: dict[str, list[str]] | None = None) -> None:
     """``out/replay_{source}.jsonl`` for ``REPLAY_SOURCES``: their training lines, ``{"text": ...}`` per line
     (recomputed, deterministically, when ``train`` is not given: a folder trained before the files existed gets them)."""
+    from lhotse import CutSet
+
     if train is None:
         train = split_heldout(corpus_lines(cfg.corpus_dir, cfg.extra_general, cfg.qa_repeats, cfg.seed),
                               cfg.heldout, cfg.seed)[0]
+    heard = {c.supervisions[0].text for c in CutSet.from_file(Path(cfg.corpus_dir) / "general_train_cuts.jsonl")}
+    lines = {**train, "general_new": [x for x in train["general"] if x not in heard]}
     for src in REPLAY_SOURCES:
         with open(out / f"replay_{src}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": x}) + "\n" for x in train[src])
+            f.writelines(json.dumps({"text": x}) + "\n" for x in lines[src])
 
 
 def load_tokenizer(path: str | Path):
