@@ -17,6 +17,7 @@ Config (keys 1:1 with the code)::
     freeze_encoder: false
     freeze_adapter: false
     encoder_cache_mb: 0            # > 0: memoise the frozen encoder's outputs (see SpeechPerception.encode)
+    encoder_cache_dir: null        # and keep them on disk too, per encoder fingerprint, for later runs and resumes
 
 Precision: the module runs under ``torch.autocast("cuda", dtype=torch.bfloat16)`` (the preprocessor disables
 autocast itself and computes features in fp32). Only the LLM's Transformer Engine layers run FP8; the encoder and
@@ -174,7 +175,12 @@ class SpeechPerception(nn.Module):
         self.cache_limit = int(cfg.get("encoder_cache_mb", 0) or 0) * 2**20
         self.cache: dict[bytes, torch.Tensor] = {}
         self.cache_nbytes = 0
-        self.cache_stats = {"hits": 0, "misses": 0, "full": 0}
+        self.cache_stats = {"hits": 0, "misses": 0, "full": 0, "disk": 0}
+        self.cache_root = cfg.get("encoder_cache_dir") or None
+        if self.cache_root and not self.cache_limit:
+            raise ValueError("perception.encoder_cache_dir keeps memoised encoder outputs on disk: it needs "
+                             "encoder_cache_mb > 0 (and a frozen encoder without spec_augment)")
+        self._cache_dir: str | None = None  # cache_root/<fingerprint of the weights and configs>, set lazily
         self.set_frozen(encoder=cfg.get("freeze_encoder", False), adapter=cfg.get("freeze_adapter", False))
 
     @property
@@ -199,6 +205,38 @@ class SpeechPerception(nn.Module):
     def clear_cache(self) -> None:
         self.cache.clear()
         self.cache_nbytes = 0
+        self._cache_dir = None  # the weights may change: fingerprint them again before the next disk access
+
+    def disk_cache_dir(self) -> str:
+        """``encoder_cache_dir/FINGERPRINT``: a digest of the preprocessor and encoder configs and weights, so
+        outputs of other weights (another encoder build, a fine-tuned encoder) are never read back."""
+        if self._cache_dir is None:
+            h = hashlib.blake2b(digest_size=8)
+            for section in ("preprocessor", "encoder"):
+                h.update(repr(sorted(_resolved(section, _kwargs(section, self.cfg[section])).items())).encode())
+            for name, t in [*self.preprocessor.state_dict().items(), *self.encoder.state_dict().items()]:
+                t = t.detach().cpu()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+            self._cache_dir = os.path.join(self.cache_root, h.hexdigest())
+            os.makedirs(self._cache_dir, exist_ok=True)
+        return self._cache_dir
+
+    def _disk_get(self, key: bytes, device) -> torch.Tensor | None:
+        path = os.path.join(self.disk_cache_dir(), key.hex() + ".pt")
+        if not os.path.exists(path):
+            return None
+        try:
+            return torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:  # unreadable entry: recompute it (and overwrite it below)
+            log.warning("encoder cache: %s is unreadable (%s): recomputing it", path, e)
+            return None
+
+    def _disk_put(self, key: bytes, t: torch.Tensor) -> None:
+        path = os.path.join(self.disk_cache_dir(), key.hex() + ".pt")
+        tmp = f"{path}.{os.getpid()}.tmp"  # atomic: processes sharing the folder never read a partial file
+        torch.save(t.cpu(), tmp)
+        os.replace(tmp, path)
 
     def train(self, mode: bool = True):
         """Keep frozen parts in eval mode: otherwise the Conformer's BatchNorm running statistics drift and dropout
@@ -235,7 +273,9 @@ class SpeechPerception(nn.Module):
         its samples, so no cut id or manifest can alias two recordings): a frozen encoder computes the same frames
         for the same audio in every epoch, and on a CPU it is most of a training step. Misses are encoded together;
         valid frames do not depend on the batch they are encoded in (NeMo masks padding). New entries stop, with
-        one warning, once the cache holds ``encoder_cache_mb`` MiB.
+        one warning, once the cache holds ``encoder_cache_mb`` MiB. With ``encoder_cache_dir`` every computed
+        output is also written to disk (one file per waveform, under the weights' fingerprint) and a memory miss
+        reads it from there first: other seeds and resumed runs of the same encoder start with a full cache.
         """
         if not self.cache_limit:
             return self._encode(audio, audio_lens)
@@ -244,20 +284,26 @@ class SpeechPerception(nn.Module):
         keys = [hashlib.blake2b(wave[i, :n].tobytes(), digest_size=16).digest() for i, n in enumerate(lens)]
         miss = [i for i, k in enumerate(keys) if k not in self.cache]
         got = {}
+        if miss and self.cache_root:
+            got = {keys[i]: t for i in miss if (t := self._disk_get(keys[i], audio.device)) is not None}
+            self.cache_stats["disk"] += len(got)
+            miss = [i for i in miss if keys[i] not in got]
         if miss:
             idx = torch.tensor(miss, device=audio.device)
             enc, enc_lens = self._encode(audio[idx, : max(lens[i] for i in miss)], audio_lens[idx])
             for j, i in enumerate(miss):
                 got[keys[i]] = enc[j, : int(enc_lens[j])].detach().clone()
-            for k, t in got.items():
-                if self.cache_nbytes + t.nbytes > self.cache_limit:
-                    if not self.cache_stats["full"]:
-                        log.warning("encoder cache full (%d MiB, %d entries): further outputs are recomputed",
-                                    self.cache_limit >> 20, len(self.cache))
-                    self.cache_stats["full"] += 1
-                    continue
-                self.cache[k] = t
-                self.cache_nbytes += t.nbytes
+                if self.cache_root:
+                    self._disk_put(keys[i], got[keys[i]])
+        for k, t in got.items():
+            if self.cache_nbytes + t.nbytes > self.cache_limit:
+                if not self.cache_stats["full"]:
+                    log.warning("encoder cache full (%d MiB, %d entries): further outputs are recomputed",
+                                self.cache_limit >> 20, len(self.cache))
+                self.cache_stats["full"] += 1
+                continue
+            self.cache[k] = t
+            self.cache_nbytes += t.nbytes
         self.cache_stats["hits"] += len(keys) - len(miss)
         self.cache_stats["misses"] += len(miss)
         seqs = [got.get(k, self.cache.get(k)) for k in keys]

@@ -121,7 +121,7 @@ def test_encoder_cache_is_exact_and_skips_the_encoder():
     m.train()
     assert not m.preprocessor.training  # cached features are deterministic (no dither)
     first, _ = m(*pad(a, b))
-    assert calls and m.cache_stats == {"hits": 0, "misses": 2, "full": 0}
+    assert calls and m.cache_stats == {"hits": 0, "misses": 2, "full": 0, "disk": 0}
     calls.clear()
     out, lens = m(*pad(c, b, a))  # two hits in other rows and another padding, one miss
     assert len(calls) == 1 and m.cache_stats["hits"] == 2 and m.cache_stats["misses"] == 3
@@ -142,6 +142,49 @@ def test_encoder_cache_is_exact_and_skips_the_encoder():
     for bad in (dict(freeze_encoder=False), dict(freeze_encoder=True, spec_augment=dict(freq_masks=2))):
         with pytest.raises(ValueError, match="encoder_cache_mb"):
             SpeechPerception(_config("mlp", encoder_cache_mb=1, **bad))
+
+
+def test_encoder_cache_on_disk_serves_later_processes_of_the_same_weights(tmp_path, caplog):
+    """Another run (seed, resume) of the same encoder reads the first one's outputs; other weights never do."""
+    torch.manual_seed(0)
+    cfg = _config("mlp", freeze_encoder=True, encoder_cache_mb=1, encoder_cache_dir=str(tmp_path))
+    first = SpeechPerception(cfg)
+    pad = lambda *w: (torch.nn.utils.rnn.pad_sequence(list(w), batch_first=True), torch.tensor([len(x) for x in w]))
+    a, b = torch.randn(SR), torch.randn(9000)
+    enc, lens = first.encode(*pad(a, b))
+    (folder,) = tmp_path.iterdir()
+    assert len(list(folder.glob("*.pt"))) == 2 and first.cache_stats["disk"] == 0
+
+    def fresh(state):
+        m = SpeechPerception(cfg)
+        m.load_state_dict(state)
+        calls = []
+        m.encoder.register_forward_hook(lambda mod, args, out: calls.append(1))
+        return m, calls
+
+    later, calls = fresh(first.state_dict())  # a new process: empty memory, same weights
+    got, got_lens = later.encode(*pad(b, a))
+    assert not calls and later.cache_stats == {"hits": 2, "misses": 0, "full": 0, "disk": 2}
+    assert torch.equal(got, enc[[1, 0]][:, : got.shape[1]]) and got_lens.tolist() == lens[[1, 0]].tolist()
+    later.encode(*pad(a))  # now from memory
+    assert later.cache_stats["disk"] == 2 and later.cache_stats["hits"] == 3
+
+    state = {k: v.clone() for k, v in first.state_dict().items()}
+    state["encoder.layers.0.feed_forward1.linear1.weight"] += 0.01
+    other, calls = fresh(state)  # other weights: their own folder, nothing read back
+    other.encode(*pad(a, b))
+    assert calls and other.cache_stats["disk"] == 0 and len(list(tmp_path.iterdir())) == 2
+
+    (folder / next(folder.glob("*.pt")).name).write_bytes(b"truncated")
+    broken, calls = fresh(first.state_dict())
+    with caplog.at_level("WARNING"):
+        broken.encode(*pad(a, b))
+    assert calls and broken.cache_stats["disk"] == 1 and "is unreadable" in caplog.text
+    again, calls = fresh(first.state_dict())  # the entry was rewritten
+    again.encode(*pad(a, b))
+    assert not calls and again.cache_stats["disk"] == 2
+    with pytest.raises(ValueError, match="encoder_cache_dir"):
+        SpeechPerception(_config("mlp", freeze_encoder=True, encoder_cache_dir=str(tmp_path)))
 
 
 def test_spec_augment_is_a_training_only_switch():
