@@ -207,10 +207,12 @@ class SpeechPerception(nn.Module):
         self.cache_nbytes = 0
         self._cache_dir = None  # the weights may change: fingerprint them again before the next disk access
 
-    def disk_cache_dir(self) -> str:
+    def disk_cache_dir(self) -> str | None:
         """``encoder_cache_dir/FINGERPRINT``: a digest of the preprocessor and encoder configs and weights, so
-        outputs of other weights (another encoder build, a fine-tuned encoder) are never read back."""
-        if self._cache_dir is None:
+        outputs of other weights (another encoder build, a fine-tuned encoder) are never read back. None when off,
+        or when the folder cannot be written (a .nemo restored on another machine names a path that is not there):
+        then one warning, and the memory cache goes on alone."""
+        if self._cache_dir is None and self.cache_root:
             h = hashlib.blake2b(digest_size=8)
             for section in ("preprocessor", "encoder"):
                 h.update(repr(sorted(_resolved(section, _kwargs(section, self.cfg[section])).items())).encode())
@@ -218,12 +220,21 @@ class SpeechPerception(nn.Module):
                 t = t.detach().cpu()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
                 h.update(t.flatten().view(torch.uint8).numpy().tobytes())
-            self._cache_dir = os.path.join(self.cache_root, h.hexdigest())
-            os.makedirs(self._cache_dir, exist_ok=True)
+            folder = os.path.join(self.cache_root, h.hexdigest())
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                self._disk_off(folder, e)
+                return None
+            self._cache_dir = folder
         return self._cache_dir
 
-    def _disk_get(self, key: bytes, device) -> torch.Tensor | None:
-        path = os.path.join(self.disk_cache_dir(), key.hex() + ".pt")
+    def _disk_off(self, path: str, error: OSError) -> None:
+        log.warning("encoder cache: cannot write %s (%s): memoising in memory only", path, error)
+        self.cache_root = self._cache_dir = None
+
+    def _disk_get(self, folder: str, key: bytes, device) -> torch.Tensor | None:
+        path = os.path.join(folder, key.hex() + ".pt")
         if not os.path.exists(path):
             return None
         try:
@@ -232,11 +243,14 @@ class SpeechPerception(nn.Module):
             log.warning("encoder cache: %s is unreadable (%s): recomputing it", path, e)
             return None
 
-    def _disk_put(self, key: bytes, t: torch.Tensor) -> None:
-        path = os.path.join(self.disk_cache_dir(), key.hex() + ".pt")
+    def _disk_put(self, folder: str, key: bytes, t: torch.Tensor) -> None:
+        path = os.path.join(folder, key.hex() + ".pt")
         tmp = f"{path}.{os.getpid()}.tmp"  # atomic: processes sharing the folder never read a partial file
-        torch.save(t.cpu(), tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(t.cpu(), tmp)
+            os.replace(tmp, path)
+        except OSError as e:  # e.g. the disk is full: training goes on
+            self._disk_off(path, e)
 
     def train(self, mode: bool = True):
         """Keep frozen parts in eval mode: otherwise the Conformer's BatchNorm running statistics drift and dropout
@@ -284,8 +298,8 @@ class SpeechPerception(nn.Module):
         keys = [hashlib.blake2b(wave[i, :n].tobytes(), digest_size=16).digest() for i, n in enumerate(lens)]
         miss = [i for i, k in enumerate(keys) if k not in self.cache]
         got = {}
-        if miss and self.cache_root:
-            got = {keys[i]: t for i in miss if (t := self._disk_get(keys[i], audio.device)) is not None}
+        if miss and (folder := self.disk_cache_dir()):
+            got = {keys[i]: t for i in miss if (t := self._disk_get(folder, keys[i], audio.device)) is not None}
             self.cache_stats["disk"] += len(got)
             miss = [i for i in miss if keys[i] not in got]
         if miss:
@@ -293,8 +307,8 @@ class SpeechPerception(nn.Module):
             enc, enc_lens = self._encode(audio[idx, : max(lens[i] for i in miss)], audio_lens[idx])
             for j, i in enumerate(miss):
                 got[keys[i]] = enc[j, : int(enc_lens[j])].detach().clone()
-                if self.cache_root:
-                    self._disk_put(keys[i], got[keys[i]])
+                if folder := self.disk_cache_dir():
+                    self._disk_put(folder, keys[i], got[keys[i]])
         for k, t in got.items():
             if self.cache_nbytes + t.nbytes > self.cache_limit:
                 if not self.cache_stats["full"]:

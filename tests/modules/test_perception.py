@@ -183,6 +183,11 @@ def test_encoder_cache_on_disk_serves_later_processes_of_the_same_weights(tmp_pa
     again, calls = fresh(first.state_dict())  # the entry was rewritten
     again.encode(*pad(a, b))
     assert not calls and again.cache_stats["disk"] == 2
+    (tmp_path / "file").write_text("")  # a folder that cannot be made (a .nemo restored elsewhere): memory only
+    elsewhere = SpeechPerception({**cfg, "encoder_cache_dir": str(tmp_path / "file" / "cache")})
+    with caplog.at_level("WARNING"):
+        out, _ = elsewhere.encode(*pad(a, b))
+    assert "cannot write" in caplog.text and elsewhere.disk_cache_dir() is None and len(elsewhere.cache) == 2
     with pytest.raises(ValueError, match="encoder_cache_dir"):
         SpeechPerception(_config("mlp", freeze_encoder=True, encoder_cache_dir=str(tmp_path)))
 
