@@ -175,7 +175,7 @@ def test_encoder_cache_on_disk_serves_later_processes_of_the_same_weights(tmp_pa
     other.encode(*pad(a, b))
     assert calls and other.cache_stats["disk"] == 0 and len(list(tmp_path.iterdir())) == 2
 
-    (folder / next(folder.glob("*.pt")).name).write_bytes(b"truncated")
+    next(folder.glob("*.pt")).write_bytes(b"truncated")
     broken, calls = fresh(first.state_dict())
     with caplog.at_level("WARNING"):
         broken.encode(*pad(a, b))
@@ -186,7 +186,7 @@ def test_encoder_cache_on_disk_serves_later_processes_of_the_same_weights(tmp_pa
     (tmp_path / "file").write_text("")  # a folder that cannot be made (a .nemo restored elsewhere): memory only
     elsewhere = SpeechPerception({**cfg, "encoder_cache_dir": str(tmp_path / "file" / "cache")})
     with caplog.at_level("WARNING"):
-        out, _ = elsewhere.encode(*pad(a, b))
+        elsewhere.encode(*pad(a, b))
     assert "cannot write" in caplog.text and elsewhere.disk_cache_dir() is None and len(elsewhere.cache) == 2
     with pytest.raises(ValueError, match="encoder_cache_dir"):
         SpeechPerception(_config("mlp", freeze_encoder=True, encoder_cache_dir=str(tmp_path)))
