@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ SYSTEMS = ("asr_only", "joint", "jstip_word", "jstip_segment", "jstip_mixed", "j
 CONTROLS = ("joint_transcripts", "jstip_word_transcripts")  # mixtures run on request only, not in the default grid
 CORPUS, TTS_CORPUS = "data/demo_corpus", "data/demo_corpus_tts"
 ENCODER = f"{CORPUS}/asr_ctc/asr_ctc.nemo"  # conf/jstip_repro.yaml's pretrained.asr_encoder
+BUILD = "benchmarks/repro_build"  # the committed encoder + LLM that the archived runs from session 21 on trained on
 TTS_SIZES = ["sizes.medical_textspeech=1500", "sizes.banking_textspeech=1500"]
 DOMAINS = ("general", "medical", "banking")
 SPLITS = {"dev": [f"{CORPUS}/{d}_dev_cuts.jsonl" for d in DOMAINS],
@@ -118,6 +120,45 @@ def fingerprint(path: str | Path) -> str | None:
     else:
         return None
     return h.hexdigest()[:12]
+
+
+def save_build(build: Path, encoder: Path, llm: Path, config: str = "jstip_repro") -> dict:
+    """Copy the prepared encoder (.nemo and its ``pretrain.json``) and LLM folder (less the replay text, which
+    ``pretrain_llm`` rewrites) to ``build`` with their fingerprints in ``build.json``. Committed, it spares a fresh
+    checkout the encoder's ~85 min of CPU training, whose result differs slightly on every machine, so its runs pair
+    with the archived ones."""
+    parts = {"encoder": (encoder, [encoder, encoder.parent / "pretrain.json"]),
+             "llm": (llm, [f for f in sorted(llm.iterdir()) if f.is_file() and not f.name.startswith("replay_")])}
+    for part, (_, files) in parts.items():
+        (build / part).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(f, build / part / f.name)
+    record = {"config": config} | {part: fingerprint(made) for part, (made, _) in parts.items()}
+    (build / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def restore_build(build: Path, encoder: Path, llm: Path, config: str = "jstip_repro") -> list[str]:
+    """Put a saved build's parts where prep would make them, each only where it is missing (never over an existing
+    one) and only for the recipe it was saved for; returns the parts restored. A copy whose fingerprint is not the one in ``build.json`` (a truncated file, a
+    Git LFS pointer) is removed again and stops the run, naming the file."""
+    record, restored = json.loads((build / "build.json").read_text()), []
+    if record["config"] != config:
+        return restored
+    for part, made, present in (("encoder", encoder, encoder.exists()),
+                                ("llm", llm, (llm / "model.safetensors").exists())):
+        if present:
+            continue
+        target = made.parent if part == "encoder" else made
+        target.mkdir(parents=True, exist_ok=True)
+        files = [shutil.copyfile(f, target / f.name) for f in sorted((build / part).iterdir())]
+        if (got := fingerprint(made)) != record[part]:
+            for f in files:
+                Path(f).unlink()
+            raise SystemExit(f"{build / part}: fingerprint {got} is not build.json's {record[part]}; "
+                             "the committed build is damaged (fetch it again, or pass --build '' to prepare anew)")
+        restored.append(part)
+    return restored
 
 
 def archive_run(out: Path, name: str, archive: Path) -> bool:
@@ -388,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plots", default="docs/results")
     p.add_argument("--archive", default="docs/runs", help="where finished runs are copied, under the --out folder's "
                    "name, and read back from when their folder is gone ('' : neither)")
+    p.add_argument("--build", default=BUILD, help="a saved encoder + LLM restored where missing before prep, so runs "
+                   "pair with those archived (default %(default)s; '' : prepare anew)")
+    p.add_argument("--save-build", metavar="DIR", help="save the prepared encoder + LLM to DIR (see --build) and exit")
     p.add_argument("--no-aggregate", action="store_true")
     p.add_argument("--baseline", default="joint", help="the systems every other one is paired with, seed by seed, "
                    "comma list (default joint)")
@@ -419,6 +463,9 @@ def main(argv: list[str] | None = None) -> None:
         for n in names if archive else ():
             archive_run(out, n, archive)
 
+    if a.save_build:
+        print(save_build(ROOT / a.save_build, ROOT / a.encoder, ROOT / a.llm, a.config))
+        return
     if a.aggregate_only:
         archived([run_name(s, seed, a.tag) for s in systems for seed in seeds])
         print(aggregate(out, systems, seeds, ROOT / a.results, ROOT / a.plots, a.tag, baselines, archive))
@@ -434,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(shlex.join(cmd))
         return
     t0 = time.time()
+    if a.build and (ROOT / a.build / "build.json").exists():
+        for part in restore_build(ROOT / a.build, ROOT / a.encoder, ROOT / a.llm, a.config):
+            print(f"prep: {part} restored from {a.build}", flush=True)
 
     def prep_one(item) -> None:  # a stage's commands are independent: they run side by side (--jobs)
         made, cmd = item

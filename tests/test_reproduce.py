@@ -172,6 +172,40 @@ def test_archive_keeps_runs_for_a_fresh_checkout(tmp_path):
     assert prints[0] == prints[1] != prints[2]
 
 
+def test_saved_build_is_restored_only_where_missing_and_checked(tmp_path):
+    """A committed build puts the exact encoder and LLM back on a fresh checkout (no replay text, which pretrain_llm
+    rewrites), never over prepared ones nor into another recipe, and a damaged copy stops the run by name."""
+    enc, llm = tmp_path / "corpus" / "asr_ctc" / "asr_ctc.nemo", tmp_path / "corpus" / "llm"
+    enc.parent.mkdir(parents=True)
+    llm.mkdir()
+    (tmp_path / "model_weights.ckpt").write_bytes(b"encoder weights")
+    with tarfile.open(enc, "w") as tar:
+        tar.add(tmp_path / "model_weights.ckpt", arcname="model_weights.ckpt")
+    (enc.parent / "pretrain.json").write_text("{}")
+    for name, data in (("model.safetensors", b"llm weights"), ("config.json", b"{}"), ("replay_general.jsonl", b"x")):
+        (llm / name).write_bytes(data)
+    build = tmp_path / "build"
+    record = reproduce.save_build(build, enc, llm)
+    assert record == {"config": "jstip_repro", "encoder": reproduce.fingerprint(enc), "llm": reproduce.fingerprint(llm)}
+    assert not (build / "llm" / "replay_general.jsonl").exists()
+
+    fresh = tmp_path / "fresh"
+    f_enc, f_llm = fresh / "asr_ctc" / "asr_ctc.nemo", fresh / "llm"
+    assert reproduce.restore_build(build, f_enc, f_llm, "jstip_smollm2") == [] and not fresh.exists()
+    assert reproduce.restore_build(build, f_enc, f_llm) == ["encoder", "llm"]
+    assert (reproduce.fingerprint(f_enc), reproduce.fingerprint(f_llm)) == (record["encoder"], record["llm"])
+    assert (f_enc.parent / "pretrain.json").exists() and (f_llm / "config.json").exists()
+    (f_llm / "model.safetensors").write_bytes(b"retrained")  # prepared here: kept
+    assert reproduce.restore_build(build, f_enc, f_llm) == []
+    assert (f_llm / "model.safetensors").read_bytes() == b"retrained"
+
+    (build / "llm" / "model.safetensors").write_bytes(b"version https://git-lfs")  # a damaged copy
+    shutil.rmtree(f_llm)
+    with pytest.raises(SystemExit, match=r"build/llm: fingerprint \w+ is not build.json's"):
+        reproduce.restore_build(build, f_enc, f_llm)
+    assert not (f_llm / "model.safetensors").exists()
+
+
 def test_dry_run_lists_every_command(capsys):
     reproduce.main(["--dry-run", "--seeds", "2", "--systems", "asr_only,jstip_synthetic", "--steps", "7"])
     lines = capsys.readouterr().out.splitlines()
