@@ -151,7 +151,8 @@ def restore_build(build: Path, encoder: Path, llm: Path, config: str = "jstip_re
             continue
         target = made.parent if part == "encoder" else made
         target.mkdir(parents=True, exist_ok=True)
-        files = [shutil.copyfile(f, target / f.name) for f in sorted((build / part).iterdir())]
+        files = [shutil.copyfile(f, made if f.suffix == ".nemo" else target / f.name)
+                 for f in sorted((build / part).iterdir())]
         if (got := fingerprint(made)) != record[part]:
             for f in files:
                 Path(f).unlink()
@@ -429,8 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plots", default="docs/results")
     p.add_argument("--archive", default="docs/runs", help="where finished runs are copied, under the --out folder's "
                    "name, and read back from when their folder is gone ('' : neither)")
-    p.add_argument("--build", default=BUILD, help="a saved encoder + LLM restored where missing before prep, so runs "
-                   "pair with those archived (default %(default)s; '' : prepare anew)")
+    p.add_argument("--build", default=BUILD, help="a saved encoder + LLM restored before prep where the default "
+                   "--encoder / --llm are missing, so runs pair with those archived (default %(default)s; '' : prepare anew)")
     p.add_argument("--save-build", metavar="DIR", help="save the prepared encoder + LLM to DIR (see --build) and exit")
     p.add_argument("--no-aggregate", action="store_true")
     p.add_argument("--baseline", default="joint", help="the systems every other one is paired with, seed by seed, "
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(shlex.join(cmd))
         return
     t0 = time.time()
-    if a.build and (ROOT / a.build / "build.json").exists():
+    if a.build and (ROOT / a.build / "build.json").exists() and (a.encoder, a.llm) == (ENCODER, RECIPES[a.config][0]):
         for part in restore_build(ROOT / a.build, ROOT / a.encoder, ROOT / a.llm, a.config):
             print(f"prep: {part} restored from {a.build}", flush=True)
 

@@ -190,7 +190,7 @@ def test_saved_build_is_restored_only_where_missing_and_checked(tmp_path):
     assert not (build / "llm" / "replay_general.jsonl").exists()
 
     fresh = tmp_path / "fresh"
-    f_enc, f_llm = fresh / "asr_ctc" / "asr_ctc.nemo", fresh / "llm"
+    f_enc, f_llm = fresh / "asr_ctc" / "renamed.nemo", fresh / "llm"
     assert reproduce.restore_build(build, f_enc, f_llm, "jstip_smollm2") == [] and not fresh.exists()
     assert reproduce.restore_build(build, f_enc, f_llm) == ["encoder", "llm"]
     assert (reproduce.fingerprint(f_enc), reproduce.fingerprint(f_llm)) == (record["encoder"], record["llm"])
@@ -377,6 +377,7 @@ def test_runs_go_on_when_one_fails(monkeypatch, tmp_path, capsys):
                         "--encoder", str(tmp_path / "enc.nemo"), "--llm", str(tmp_path / "llm")])
     assert sorted(done) == [("asr_only", 1), ("asr_only", 2), ("jstip_word", 1), ("jstip_word", 2)]
     assert "[joint_s1] FAILED: exit 1: boom" in capsys.readouterr().out
+    assert not (tmp_path / "enc.nemo").exists()  # the committed build goes to the default inputs only
 
 
 def test_timing_survives_a_failed_attempt(monkeypatch, tmp_path):
