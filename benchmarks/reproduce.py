@@ -17,7 +17,8 @@ goes between the markers of ``--results`` (docs/results.md, the rest of the file
 (metrics, hypotheses gzipped, timing) and the fingerprint of the encoder and LLM it was trained on are also copied to
 ``--archive`` (docs/runs/OUT_NAME/, committed); the aggregation reads a run from there when its folder is gone, and
 pairs two runs only when they were trained on the same prepared encoder and LLM (a fresh checkout's encoder build
-differs slightly).
+differs slightly). So the prepared pair itself is committed too (``--build``, benchmarks/repro_build/) and restored
+before prep where missing.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def fingerprint(path: str | Path) -> str | None:
 def save_build(build: Path, encoder: Path, llm: Path, config: str = "jstip_repro") -> dict:
     """Copy the prepared encoder (.nemo and its ``pretrain.json``) and LLM folder (less the replay text, which
     ``pretrain_llm`` rewrites) to ``build`` with their fingerprints in ``build.json``. Committed, it spares a fresh
-    checkout the encoder's ~85 min of CPU training, whose result differs slightly on every machine, so its runs pair
+    checkout the encoder's 45-85 min of CPU training, whose result differs slightly on every machine, so its runs pair
     with the archived ones."""
     parts = {"encoder": (encoder, [encoder, encoder.parent / "pretrain.json"]),
              "llm": (llm, [f for f in sorted(llm.iterdir()) if f.is_file() and not f.name.startswith("replay_")])}
@@ -140,8 +141,8 @@ def save_build(build: Path, encoder: Path, llm: Path, config: str = "jstip_repro
 
 def restore_build(build: Path, encoder: Path, llm: Path, config: str = "jstip_repro") -> list[str]:
     """Put a saved build's parts where prep would make them, each only where it is missing (never over an existing
-    one) and only for the recipe it was saved for; returns the parts restored. A copy whose fingerprint is not the one in ``build.json`` (a truncated file, a
-    Git LFS pointer) is removed again and stops the run, naming the file."""
+    one) and only for the recipe it was saved for; returns the parts restored. A copy whose fingerprint is not the
+    one in ``build.json`` (a truncated file, a Git LFS pointer) is removed again and stops the run, naming it."""
     record, restored = json.loads((build / "build.json").read_text()), []
     if record["config"] != config:
         return restored
