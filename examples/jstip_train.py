@@ -13,7 +13,7 @@ from nemo_jstip.parallel.strategy import MegatronStrategy
 
 @hydra_runner(config_path="../conf", config_name="jstip_tiny")
 def main(cfg):
-    trainer = Trainer(**cfg.trainer, strategy=MegatronStrategy(**cfg.strategy))
+    trainer = Trainer(**cfg.trainer, strategy=MegatronStrategy.from_config(cfg.strategy))
     exp_manager(trainer, cfg.get("exp_manager"))
     model = JSTIPModel(cfg.model, trainer=trainer)
     trainer.fit(model)

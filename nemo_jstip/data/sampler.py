@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections import Counter
 import random
 from bisect import bisect_left
 from dataclasses import dataclass, field, replace
@@ -225,6 +226,10 @@ class InterleavingSampler(CutSampler):
         self._batches: Iterator | None = None
         self._index = 0  # batches yielded to this rank in the current epoch
         self._consumed: int | None = None  # batches consumed in the current epoch, once mark_consumed was used
+        # the epoch's position over all DP ranks: batches drawn from the shared stream before batch 0 of this object
+        # (a restore), and after each batch it yielded; what makes a resume at another DP size continue in place
+        self._skipped, self._drawn_after = 0, {}
+        self._excluded: Counter = Counter()  # items consumed at another DP size in this epoch (see load_state_dict)
         self.real_tokens = self.padded_tokens = 0  # totals over the batches yielded by this object
 
     # ---- the pipeline: streams -> mixture -> filter -> batches ----
@@ -271,8 +276,10 @@ class InterleavingSampler(CutSampler):
             return self
         self.diagnostics.reset_current_epoch()
         self._index, self._consumed = 0, (0 if self._consumed is not None else None)
+        self._skipped, self._drawn_after = 0, {}
+        left = Counter(self._excluded)
         items = Filter(
-            ((it,) for it in self._mixture()),  # 1-tuples, as Lhotse's batchers and diagnostics expect
+            ((it,) for it in self._mixture() if not _take(left, _key(it))),  # 1-tuples, as Lhotse's batchers and diagnostics expect
             predicate=lambda t: item_cost(t[0]) <= self.max_item_cost and self._filter_fn(t[0]),
             diagnostics=self.diagnostics,
         )
@@ -309,6 +316,7 @@ class InterleavingSampler(CutSampler):
         if not batches or (len(batches) < self.world_size and self.drop_last):
             raise StopIteration
         batch = MixedBatch(_spread(batches, self.world_size)[self.rank], self.epoch, self._index)
+        self._drawn_after[self._index] = self._drawn(self._index) + len(batches)
         self._index += 1
         self.diagnostics.keep(batch)
         self.real_tokens += batch.real_tokens
@@ -318,6 +326,7 @@ class InterleavingSampler(CutSampler):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # counters belong to an epoch; state_dict() may come before the next iter()
             self._index, self._consumed = 0, (None if self._consumed is None else 0)
+            self._skipped, self._drawn_after, self._excluded = 0, {}, Counter()
         super().set_epoch(epoch)
 
     def map(self, fn):
@@ -345,28 +354,50 @@ class InterleavingSampler(CutSampler):
         if epoch != self.epoch or index >= self._index:
             raise ValueError(f"batch {position} was not yielded in epoch {self.epoch} ({self._index} so far)")
         self._consumed = index + 1
+        for i in [i for i in self._drawn_after if i < index]:  # only the consumed point is needed later
+            del self._drawn_after[i]
+
+    def _drawn(self, consumed: int) -> int:
+        """Batches drawn from the shared stream (all DP ranks) once this rank's first ``consumed`` are done."""
+        return self._drawn_after[consumed - 1] if consumed else self._skipped
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd.update(consumed=self.batches_consumed, marked=self._consumed is not None, edges=list(self.edges),
-                  config=self._fingerprint())
+                  drawn=self._drawn(self.batches_consumed), excluded=dict(self._excluded), config=self._fingerprint())
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue where the checkpoint's consumption ended. Every rank draws all ranks' batches of a step, so the
+        position is global: ``drawn`` batches of the epoch's stream. At the same DP size the stream is replayed up to
+        there. At another DP size the batching differs (buckets are drawn per step of ``world_size`` batches), so
+        the old stream is replayed to learn which items were consumed, and the epoch restarts without them: no
+        item of the epoch is seen twice or skipped. Those item keys stay in the state until the epoch ends
+        (memory and checkpoint size grow with the items consumed before a DP change)."""
         sd = copy.deepcopy(dict(state_dict))  # Lhotse's loaders consume the dict they are given
-        consumed, marked, self.edges = sd.pop("consumed"), sd.pop("marked"), sd.pop("edges")
+        marked, self.edges, drawn = sd.pop("marked"), sd.pop("edges"), sd.pop("drawn")
+        self._excluded = Counter(sd.pop("excluded"))
+        sd.pop("consumed")
         config = sd.pop("config")
         if config != self._fingerprint():
             raise ValueError(f"sampler config differs from the checkpoint's:\n{config}\nvs\n{self._fingerprint()}")
-        super().load_state_dict(sd)  # epoch, diagnostics, seed/world_size checks
+        world, sd["world_size"] = sd["world_size"], self.world_size
+        super().load_state_dict(sd)  # epoch, diagnostics, seed checks
         self._just_restored_state = False
+        world, self.world_size = self.world_size, world  # replay at the checkpoint's DP size
         iter(self)
-        for i in range(consumed):
+        consumed = Counter()
+        for i in range(drawn):
             try:
-                next(self)
+                consumed.update(_key(it) for it in self._next_batch())
             except StopIteration:
-                raise ValueError(f"epoch {self.epoch} has {i} batches, the checkpoint consumed {consumed}") from None
-        self._consumed = consumed if marked else None
+                raise ValueError(f"epoch {self.epoch} has {i} batches, the checkpoint consumed {drawn}") from None
+        if world != self.world_size:
+            self.world_size, self._excluded = world, self._excluded + consumed
+            iter(self)
+            drawn = 0
+        self._skipped = drawn
+        self._consumed = 0 if marked else None
         self.real_tokens = self.padded_tokens = 0
         self._just_restored_state = True  # the next iter() continues here instead of restarting the epoch
 
@@ -393,6 +424,18 @@ def _text_lines(name: str, source) -> Iterator[tuple[str, str]]:
             yield from ((f"{name}:{i}", line.strip()) for i, line in enumerate(f) if line.strip())
     else:
         yield from ((f"{name}:{i}", text) for i, text in enumerate(source) if text.strip())
+
+
+def _key(item) -> str:
+    return f"{item_kind(item)}|{item.id}"
+
+
+def _take(counts: Counter, key: str) -> bool:
+    """Use up one of ``key``'s counts; False when none is left."""
+    if counts.get(key, 0) <= 0:
+        return False
+    counts[key] -= 1
+    return True
 
 
 def _spread(batches: list[list], n: int) -> list[list]:

@@ -13,7 +13,6 @@ state); without a trainer they are built at once in a single-process parallel st
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from nemo.core.classes import ModelPT
 from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
+from nemo.utils import logging
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoTokenizer
 
@@ -34,6 +34,8 @@ from nemo_jstip.data.interleave import InterleaveConfig
 from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss
 from nemo_jstip.modules.perception import SpeechPerception
 from nemo_jstip.parallel.dist import compute_device, init_parallel
+from nemo_jstip.parallel.engine import EngineConfig, MegatronEngine
+from nemo_jstip.parallel.layout import ParallelLayout
 
 if "nemo_jstip." not in ALLOWED_TARGET_PREFIXES:  # NeMo instantiates only allow-listed `_target_`s
     ALLOWED_TARGET_PREFIXES.append("nemo_jstip.")
@@ -101,7 +103,8 @@ class JSTIPModel(ModelPT):
         llm["vocab_size"] = max(llm.get("vocab_size") or 0, len(self.tokenizer))
         self.llm_cfg = LLMConfig(**llm)
         self.frame_spec = FrameSpec.from_config(self.cfg.perception)
-        self._ddp = None
+        self._engine = None
+        self.use_distributed_optimizer = bool((self.cfg.get("optim") or {}).get("use_distributed_optimizer", False))
         self._resume_rng = None
         self._save_restore_connector = JSTIPSaveRestoreConnector()
         self.init_from_nemo = self.cfg.get("init_from_nemo")  # weights to start from (e.g. a fine-tuning stage)
@@ -165,72 +168,37 @@ class JSTIPModel(ModelPT):
         )
 
     @property
-    def ddp(self):
-        """The stage wrapped in Megatron DDP (built on first use in training; kept out of the state dict)."""
-        if self._ddp is None:
-            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-            from megatron.core.distributed import finalize_model_grads
+    def engine(self) -> MegatronEngine:
+        """The Megatron training engine around the stage (built on first use; see parallel/engine.py)."""
+        if self._engine is None:
+            strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+            layout = getattr(strategy, "layout", None) or ParallelLayout.current()
+            cfg = EngineConfig(use_distributed_optimizer=self.use_distributed_optimizer,
+                               max_grad_norm=self.cfg.get("max_grad_norm"))
+            engine = MegatronEngine(self.stage, layout, cfg, self.tokenizer.pad_token_id or 0)
+            logging.info(engine.describe())
+            self.__dict__["_engine"] = engine  # not a submodule: same parameters, no duplicate state-dict keys
+        return self._engine
 
-            ddp = DistributedDataParallel(
-                self.stage.config,
-                DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-                self.stage,
-            )
-            self.stage.config.finalize_model_grads_func = finalize_model_grads
-            self.stage.config.no_sync_func = ddp.no_sync
-            self.__dict__["_ddp"] = ddp  # not a submodule: same parameters, no duplicate state-dict keys
-        return self._ddp
+    def setup_optimization(self, optim_config=None, optim_kwargs=None):
+        """NeMo's optimizer and LR scheduler from ``model.optim``, the optimizer then wrapped by the engine
+        (``use_distributed_optimizer`` is the engine's key, not the torch optimizer's)."""
+        optim_config = optim_config if optim_config is not None else self.cfg.get("optim")
+        if optim_config is not None and "use_distributed_optimizer" in optim_config:
+            optim_config = OmegaConf.create(OmegaConf.to_container(optim_config, resolve=True))
+            with open_dict(optim_config):
+                distributed = bool(optim_config.pop("use_distributed_optimizer"))
+            if self._engine is not None and self._engine.cfg.use_distributed_optimizer != distributed:
+                if self._engine.optimizer is not None:
+                    raise ValueError("use_distributed_optimizer cannot change once the optimizer exists")
+                self.__dict__["_engine"] = None  # rewrapped below: DDP's buffers depend on it
+            self.use_distributed_optimizer = distributed
+        out = super().setup_optimization(optim_config, optim_kwargs)
+        if self._optimizer is not None:
+            self.engine.wrap_optimizer(self._optimizer)
+        return out
 
     # ------------------------------------------------------------------ training
-    def _forward_backward(self, batches: list[dict], forward_only: bool) -> dict:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        def step(data_iter, model):
-            batch = _on_this_cp_rank(next(data_iter))
-            out = model(batch)
-
-            def loss_func(loss):
-                mask = batch["loss_mask"]
-                total = (loss * mask).sum()
-                n = mask.sum().to(torch.int)
-                return total, n, {"loss": torch.stack([total.detach(), n.float()])}
-
-            return out, loss_func
-
-        # a rank whose batches were all dropped as bad input still joins the collectives, contributing nothing
-        batches = [b for b in batches if b["input_ids"].shape[0] > 0] or [self._idle_batch()]
-        model = self.ddp if not forward_only else self.stage
-        seq = max(b["input_ids"].shape[1] for b in batches)
-        mbs = max(b["input_ids"].shape[0] for b in batches)
-        reports = get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter(batches),
-            model=model,
-            num_microbatches=len(batches),
-            seq_length=seq,
-            micro_batch_size=mbs,
-            forward_only=forward_only,
-        )
-        total = torch.zeros(2)
-        for r in reports:  # last pipeline stage only
-            total += r["loss"].detach().float().cpu()
-        if ps.get_pipeline_model_parallel_world_size() > 1:  # every stage reports the loss
-            total = total.to(compute_device())
-            torch.distributed.broadcast(total, ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group())
-        total = total.to(compute_device())  # the tokens of all data- and context-parallel ranks
-        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
-        return {"loss": (total[0] / total[1].clamp(min=1)).item(), "tokens": int(total[1].item())}
-
-    def _idle_batch(self) -> dict:
-        """One row of padding with no loss and no audio; its length suits sequence/context-parallel splitting."""
-        c = self.stage.config
-        n = 2 * c.tensor_model_parallel_size * c.context_parallel_size * 8
-        ids = torch.full((1, n), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        none = torch.full_like(ids, -1)
-        batch = {"input_ids": ids, "labels": torch.full_like(ids, -100), "loss_mask": torch.zeros(1, n),
-                 "audio_item": none, "audio_frame": none, "audio": None}
-        return self._to_device(batch)
-
     def _microbatches(self, dataloader_iter) -> list[dict]:
         batches = []
         for _ in range(self.cfg.get("num_microbatches", 1)):
@@ -251,9 +219,7 @@ class JSTIPModel(ModelPT):
         raw = self._microbatches(dataloader_iter)
         if not raw:
             return None
-        batches = [self._to_device(b) for b in raw]
-        opt = self.optimizers()
-        stats = self.optimizer_step(batches, opt, self.cfg.get("max_grad_norm"))
+        stats = self.engine.train_step([self._to_device(b) for b in raw])
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -266,42 +232,16 @@ class JSTIPModel(ModelPT):
         self.log("train_tokens", float(stats["tokens"]), batch_size=1)
         if stats["grad_norm"] is not None:
             self.log("grad_norm", stats["grad_norm"], batch_size=1)
-        self.log("lr", opt.param_groups[0]["lr"], batch_size=1)
+        self.log("lr", self._optimizer.param_groups[0]["lr"], batch_size=1)
         perception = self.stage.perception
         if perception is not None and perception.cache_limit:
             seen = perception.cache_stats["hits"] + perception.cache_stats["misses"]
             self.log("encoder_cache_hit_rate", perception.cache_stats["hits"] / max(seen, 1), batch_size=1)
         return torch.tensor(stats["loss"])
 
-    def optimizer_step(self, batches: list[dict], optimizer, max_grad_norm: float | None = None) -> dict:
-        """One update from ``batches`` (microbatches on the device): schedule, Megatron DDP reduction, global-norm
-        clipping, ``optimizer.step()``. Returns loss, tokens and the pre-clip grad norm."""
-        self.ddp.zero_grad_buffer()
-        optimizer.zero_grad(set_to_none=True)
-        stats = self._forward_backward(batches, forward_only=False)
-        params = [p for p in self.stage.parameters() if p.requires_grad]
-        for p in params:  # Megatron DDP accumulates (and all-reduces) into main_grad
-            p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
-        stats["grad_norm"] = clip_grad_norm(params, max_grad_norm) if max_grad_norm else None
-        optimizer.step()
-        self._average_buffers()
-        return stats
-
-    def _average_buffers(self) -> None:
-        """Keep the encoder's BatchNorm running statistics identical on all data-parallel ranks (Megatron DDP
-        reduces gradients only), so every replica evaluates and saves the same model."""
-        group = ps.get_data_parallel_group()
-        if ps.get_data_parallel_world_size() == 1 or self.stage.perception is None:
-            return
-        for buf in self.stage.perception.buffers():
-            if buf.is_floating_point():
-                torch.distributed.all_reduce(buf, group=group)
-                buf.div_(ps.get_data_parallel_world_size())
-
     def loss(self, batches: list[dict]) -> dict:
         """Token-weighted loss over batches without updating anything (all stages, all ranks call it)."""
-        with torch.no_grad():
-            return self._forward_backward([self._to_device(b) for b in batches], forward_only=True)
+        return self.engine.evaluate([self._to_device(b) for b in batches])
 
     def validation_step(self, batch, batch_idx):
         stats = self.loss([batch])  # every rank, even with an empty batch: the loss is all-reduced
@@ -321,10 +261,10 @@ class JSTIPModel(ModelPT):
                     raise ValueError(f"optim_param_groups: the model has no module {path!r}")
                 module = getattr(module, name)
             if module is not None:
-                params = list(module.parameters())
+                params = [p for p in module.parameters() if p.requires_grad]  # frozen ones have no gradient buffer
                 grouped |= {id(p) for p in params}
                 groups.append({"params": params, **OmegaConf.to_container(extra, resolve=True)})
-        rest = [p for p in self.parameters() if id(p) not in grouped]
+        rest = [p for p in self.parameters() if id(p) not in grouped and p.requires_grad]
         self._optimizer_param_groups = [{"params": rest}, *groups]
 
     # ------------------------------------------------------------------ data
@@ -398,39 +338,3 @@ class JSTIPModel(ModelPT):
     def list_available_models(cls):
         return []
 
-
-_SEQUENCE_KEYS = ("input_ids", "labels", "loss_mask", "audio_item", "audio_frame", "position_ids")
-
-
-def _on_this_cp_rank(batch: dict) -> dict:
-    """With context parallelism, this rank's two zigzag chunks of every sequence tensor (Megatron's load-balanced
-    split, the one its rotary embedding expects). The splice is per position, so each chunk's placeholders take
-    their frames from the full encoder output: every CP rank encodes the whole audio."""
-    if ps.get_context_parallel_world_size() == 1:
-        return batch
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    seq = {k: batch[k] for k in _SEQUENCE_KEYS if batch.get(k) is not None}
-    L, n = batch["input_ids"].shape[1], 2 * ps.get_context_parallel_world_size()
-    if L % n:
-        raise ValueError(f"sequence length {L} is not a multiple of 2 x CP = {n}: set the dataset's pad_to_multiple")
-    split = get_batch_on_this_cp_rank(seq | {"cu_seqlens": None}, False, ps.get_context_parallel_group())
-    return batch | {k: split[k] for k in seq}
-
-
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global grad-norm clipping across TP shards and PP stages (Megatron's own version needs CUDA). Each parameter
-    counts once: TP-replicated ones on TP rank 0 only, a tied output layer (``shared``) on the first stage only."""
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-    from megatron.core.transformer.module import param_is_not_shared
-
-    grads = [p.grad for p in params if p.grad is not None]
-    counted = [p.grad for p in params if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
-    device = grads[0].device if grads else None
-    local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=device)  # foreach kernels
-    sq = (local.float() ** 2).reshape(1).to(device)
-    torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
-    norm = math.sqrt(sq.item())
-    if norm > max_norm:
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
-    return norm

@@ -43,6 +43,9 @@ _DEVICE_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.transformer.utils",
     "megatron.core.tensor_parallel.data",
+    "megatron.core.optimizer.optimizer",  # the optimizer wrappers' loss-scale and flag tensors
+    "megatron.core.optimizer.clip_grads",  # grad-norm and zero-count accumulators
+    "megatron.core.utils",  # the local (no TE/apex) multi-tensor L2 norm's result
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "empty_like", "zeros_like", "ones_like")
 
@@ -110,19 +113,42 @@ class _CpuDeviceTorch(types.ModuleType):
         return getattr(torch, name)
 
 
-def _tensor_cuda_is_identity(fn):
-    """``fn`` with ``Tensor.cuda`` returning the tensor itself while it runs (it would raise here anyway)."""
+def _tensor_methods_while_running(fn, **methods):
+    """``fn`` with ``torch.Tensor`` methods replaced while it runs (the originals would raise here anyway)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **k: self
+        saved = {name: getattr(torch.Tensor, name) for name in methods}
+        for name, method in methods.items():
+            setattr(torch.Tensor, name, method)
         try:
             return fn(*args, **kwargs)
         finally:
-            torch.Tensor.cuda = cuda
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
 
     return wrapper
+
+
+def _tensor_cuda_is_identity(fn):
+    """``fn`` with ``Tensor.cuda`` returning the tensor itself while it runs."""
+    return _tensor_methods_while_running(fn, cuda=lambda self, *a, **k: self)
+
+
+_TYPE = torch.Tensor.type
+
+
+def _cuda_type_names(fn):
+    """``fn`` with ``Tensor.type()`` naming CPU tensors as CUDA ones (``torch.FloatTensor`` ->
+    ``torch.cuda.FloatTensor``): Megatron's optimizers pick fp32/fp16 paths and assert by these names."""
+
+    def type_(self, dtype=None, *args, **kwargs):
+        if dtype is None and not args and not kwargs:
+            name = _TYPE(self)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        return _TYPE(self, dtype, *args, **kwargs)
+
+    return _tensor_methods_while_running(fn, type=type_)
 
 
 def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False) -> torch.Tensor:
@@ -192,6 +218,15 @@ def apply() -> bool:
     )
     tp_data.broadcast_data = tensor_parallel.broadcast_data = _tensor_cuda_is_identity(tp_data.broadcast_data)
 
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    _originals["type()"] = (optimizer.clip_grad_by_total_norm_fp32, distrib_optimizer.DistributedOptimizer.__init__,
+                            optimizer.Float16OptimizerWithFloat16Params.__init__)
+    optimizer.clip_grad_by_total_norm_fp32 = _cuda_type_names(optimizer.clip_grad_by_total_norm_fp32)
+    distrib_optimizer.DistributedOptimizer.__init__ = _cuda_type_names(distrib_optimizer.DistributedOptimizer.__init__)
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _cuda_type_names(
+        optimizer.Float16OptimizerWithFloat16Params.__init__)
+
     _originals["random"] = (mrandom.CudaRNGStatesTracker, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
     mrandom.CudaRNGStatesTracker = _cpu_tracker_class(mrandom.CudaRNGStatesTracker)
     mrandom._get_cuda_rng_state = _cpu_get_rng_state
@@ -220,6 +255,10 @@ def remove() -> None:
 
     LanguageModule.setup_embeddings_and_output_layer, tp_data.broadcast_data = _originals.pop("cuda()")
     tensor_parallel.broadcast_data = tp_data.broadcast_data
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    (optimizer.clip_grad_by_total_norm_fp32, distrib_optimizer.DistributedOptimizer.__init__,
+     optimizer.Float16OptimizerWithFloat16Params.__init__) = _originals.pop("type()")
     mrandom.CudaRNGStatesTracker, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = _originals.pop("random")
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
     _applied = False

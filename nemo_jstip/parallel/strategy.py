@@ -1,52 +1,54 @@
 """A Lightning strategy for Megatron-core tensor/pipeline/context/data parallelism (NeMo 3.0 ships none).
 
-Lightning launches and sets up processes as for DDP; this strategy then initialises Megatron's parallel state
-and leaves the model unwrapped: the model trains its Megatron stage through Megatron's pipeline schedules and
-Megatron's DistributedDataParallel itself (see models/jstip_model.py), so Lightning must neither wrap it in
-torch DDP nor broadcast rank 0's weights (tensor-parallel ranks hold different shards).
+Lightning launches and sets up processes as for DDP; the strategy then builds the run's :class:`ParallelLayout`
+(Megatron's groups) and leaves the model unwrapped: the model's engine (``parallel/engine.py``) trains the stage
+through Megatron's schedules, DDP and optimizer, so Lightning must neither wrap it in torch DDP nor broadcast rank
+0's weights (tensor-parallel ranks hold different shards).
 
-Training checkpoints (for exact resume) stay one file that Lightning, NeMo's exp_manager and its checkpoint
-callback handle as usual: rank 0 gathers each model-parallel rank's weights and optimizer state (from data-parallel
-rank 0 only: the replicas are identical) and each rank's own resume state (RNG, sampler), and writes atomically.
-Such a checkpoint resumes at the same TP/PP/DP layout; the .nemo (nemo_jstip/checkpoint.py) is the format that
-changes layout.
+Training checkpoints are folders of shards (``parallel/checkpoint.py``): each rank writes its own part of the
+weights and optimizer state, and a checkpoint resumes at any TP/PP/DP layout. They are restored after the
+optimizer exists (``restore_checkpoint_after_setup``), straight into the model and the engine's optimizer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import os
+import shutil
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy
-from megatron.core import parallel_state as ps
+from nemo.utils import logging
 
+from nemo_jstip.parallel import checkpoint as ckpt
 from nemo_jstip.parallel import cpu
-from nemo_jstip.parallel.dist import init_parallel
+from nemo_jstip.parallel.layout import ParallelLayout
 
 
 class MegatronStrategy(DDPStrategy):
     strategy_name = "jstip_megatron"
 
-    def __init__(
-        self,
-        tensor_model_parallel_size: int = 1,
-        pipeline_model_parallel_size: int = 1,
-        context_parallel_size: int = 1,
-        seed: int = 1234,
-        **kwargs: Any,
-    ):
-        kwargs.setdefault("process_group_backend", "nccl" if torch.cuda.is_available() else "gloo")
-        super().__init__(**kwargs)
+    def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                 context_parallel_size: int = 1, seed: int = 1234, process_group_backend: str | None = None):
+        super().__init__(process_group_backend=process_group_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
         self.tp, self.pp, self.cp, self.seed = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size, seed
+        self.layout: ParallelLayout | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "MegatronStrategy":
+        """From the YAML ``strategy`` section; an unknown key is an error naming it (a typo must not train
+        another layout)."""
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        cfg = dict(cfg or {})
+        if unknown := sorted(set(cfg) - known):
+            raise ValueError(f"strategy: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**cfg)
 
     def setup_environment(self) -> None:
         cpu.apply()  # no-op with CUDA
         super().setup_environment()  # torch.distributed process group (gloo on the CPU, nccl on GPUs)
-        world = torch.distributed.get_world_size()
-        if world % (self.tp * self.pp * self.cp):
-            raise ValueError(f"world size {world} is not divisible by TP={self.tp} x PP={self.pp} x CP={self.cp}")
-        init_parallel(self.tp, self.pp, cp=self.cp, seed=self.seed)
+        self.layout = ParallelLayout.for_world(torch.distributed.get_world_size(), self.tp, self.pp, self.cp)
+        self.layout.initialize(self.seed)
 
     def setup(self, trainer) -> None:
         self.accelerator.setup(trainer)
@@ -56,48 +58,69 @@ class MegatronStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
 
-    def configure_ddp(self) -> None:  # Megatron DDP lives inside the model
+    def configure_ddp(self) -> None:  # Megatron DDP lives in the engine
         pass
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:
         """Data-parallel rank and size: all TP/PP/CP ranks of one replica read the same batches."""
+        from megatron.core import parallel_state as ps
+
         return {"num_replicas": ps.get_data_parallel_world_size(), "rank": ps.get_data_parallel_rank()}
 
     def reduce(self, tensor, group=None, reduce_op="mean"):
         """Reduce over the data-parallel group by default (model-parallel ranks hold the same metrics)."""
+        from megatron.core import parallel_state as ps
+
         return super().reduce(tensor, group=group or ps.get_data_parallel_group(), reduce_op=reduce_op)
 
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the optimizer must exist: its sharded state is loaded in place
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # done in load_checkpoint
+
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        mine = {"jstip": checkpoint.pop("jstip", None)}
-        if ps.get_data_parallel_rank() == 0:
-            mine |= {k: checkpoint.pop(k) for k in _SHARDED if k in checkpoint}
-        ranks = [None] * torch.distributed.get_world_size() if self.is_global_zero else None
-        # on the CPU: gathered GPU tensors would all land on rank 0's device
-        torch.distributed.gather_object(move_data_to_device(mine, "cpu"), ranks, dst=0)
-        checkpoint["ranks"], checkpoint["layout"] = ranks, _layout()
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        model = self.lightning_module
+        jstip = checkpoint.pop("jstip", None) or {}
+        checkpoint.pop("state_dict", None)
+        checkpoint.pop("optimizer_states", None)
+        sharded = {"model": model.sharded_state_dict()}
+        if model.engine.optimizer is not None:
+            sharded["optimizer"] = model.engine.optimizer_sharded_state_dict(sharded["model"])
+        trainer_state = {**checkpoint, "layout": self.layout.as_dict(), "sampler": jstip.get("sampler")}
+        ckpt.save(filepath, sharded, trainer_state, {"rng": jstip.get("rng")})
 
     def load_checkpoint(self, checkpoint_path) -> dict:
-        checkpoint = super().load_checkpoint(checkpoint_path)
-        if "ranks" not in checkpoint:
-            return checkpoint
-        if checkpoint["layout"] != _layout():
-            raise ValueError(
-                f"{checkpoint_path} was saved at {checkpoint['layout']} and resumes only at that layout (now "
-                f"{_layout()}); to change layout, save a .nemo and start from it (model.init_from_nemo)"
-            )
-        ranks = checkpoint.pop("ranks")
-        checkpoint |= ranks[ps.get_data_parallel_src_rank()]  # this replica's model-parallel shard
-        checkpoint["jstip"] = ranks[torch.distributed.get_rank()]["jstip"]
-        return checkpoint
+        model = self.lightning_module
+        state = ckpt.load_trainer_state(checkpoint_path)
+        saved = state.pop("layout")
+        if saved != self.layout.as_dict():
+            logging.info(f"resuming {ckpt.checkpoint_dir(checkpoint_path)} saved at "
+                         f"{ParallelLayout(**saved).describe()} (now {self.layout.describe()}): resharding")
+        sharded = {"model": model.sharded_state_dict()}
+        if model.engine.optimizer is not None:
+            sharded["optimizer"] = model.engine.optimizer_sharded_state_dict(sharded["model"], is_loading=True)
+        loaded = ckpt.load_sharded(checkpoint_path, sharded)
+        model.load_state_dict(loaded["model"], strict=True)
+        if "optimizer" in loaded:
+            model.engine.optimizer.load_state_dict(loaded["optimizer"])
+        rank_state = ckpt.load_rank_state(checkpoint_path, saved)
+        state["jstip"] = {"rng": rank_state["rng"], "sampler": state.pop("sampler")}
+        return state
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        pass  # loaded in load_checkpoint
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            folder = ckpt.checkpoint_dir(filepath)
+            shutil.rmtree(folder, ignore_errors=True)
+            if os.path.isfile(filepath):
+                os.remove(filepath)
 
     # No teardown of Megatron's groups: the model stays usable after fit (save_to, test, generate).
 
-
-_SHARDED = ("state_dict", "optimizer_states")  # differ between model-parallel ranks
-
-
-def _layout() -> dict[str, int]:
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "cp": ps.get_context_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}

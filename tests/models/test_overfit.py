@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from nemo_jstip.parallel.dist import spawn
 from nemo_jstip.prep.tokenizer import train_tokenizer
-from tests.models.conftest import PERCEPTION
+from tests.conftest import PERCEPTION
 
 
 def _overfit(cfg: dict, manifest: str, steps: int) -> list[dict]:
@@ -19,7 +19,7 @@ def _overfit(cfg: dict, manifest: str, steps: int) -> list[dict]:
     model.setup_optimization(cfg.optim)
     batches, losses = iter(model._train_dl), []
     for _ in range(steps):  # what training_step does, without a Trainer
-        losses.append(model.optimizer_step([model._to_device(next(batches))], model._optimizer, 1.0)["loss"])
+        losses.append(model.engine.train_step([model._to_device(next(batches))])["loss"])
     rows, _ = transcribe(model, manifest, max_new_tokens=64)
     return losses, rows
 
@@ -35,7 +35,7 @@ def test_overfit_then_decode(tiny_corpus, tmp_path):
         "llm": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
                 "layer_spec": "local", "train_mode": "full"},
         "interleave": {"mode": "mixed"},
-        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0}, "max_grad_norm": 1.0,
         "train_ds": {"input_cfg": [{"type": "jstip_cuts", "cuts_path": manifest, "kind": "asr", "repeat": True}],
                      "sampler": {"max_tokens": 4096, "num_buckets": 1, "seed": 0}},
     }

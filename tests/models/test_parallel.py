@@ -54,13 +54,15 @@ def _named(model, value) -> dict:
     return out
 
 
-def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps: int = 0, only_first: bool = False) -> dict:
+def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps: int = 0, only_first: bool = False,
+               distributed_optimizer: bool = False) -> dict:
     """Rank body: forward-only loss, one forward/backward (loss, main_grad), then ``steps`` AdamW steps as
-    ``JSTIPModel.training_step`` takes them. ``split_batches``: data-parallel rank r trains on batch r only.
-    ``only_first``: the first batch only, and on DP ranks > 0 an empty batch (all items dropped as bad input)."""
+    ``JSTIPModel.training_step`` takes them (the engine's, with Megatron's distributed optimizer if asked).
+    ``split_batches``: data-parallel rank r trains on batch r only. ``only_first``: the first batch only, and on
+    DP ranks > 0 an empty batch (all items dropped as bad input)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
+    from omegaconf import OmegaConf
 
     model, batches = _build(setup_path, tp, pp)
     if split_batches:
@@ -75,17 +77,20 @@ def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps:
         "schedule": get_forward_backward_func().__name__,
         "eval": model.loss(batches),
     }
-    model.ddp.zero_grad_buffer()
-    out["train"] = model._forward_backward(batches, forward_only=False)
+    model.setup_optimization(OmegaConf.create({"name": "adamw", "lr": LR, "weight_decay": 0.01,
+                                               "use_distributed_optimizer": distributed_optimizer}))
+    out["layout"] = model.engine.describe()
+    model.engine.ddp.zero_grad_buffer()
+    out["train"] = model.engine.forward_backward(batches, forward_only=False)
     out["grads"] = _named(model, lambda p: p.main_grad)
 
-    params = [p for p in model.stage.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
     out["steps"] = []
     for _ in range(steps):  # JSTIPModel.training_step without Lightning
-        stats = model.optimizer_step(batches, opt, model.cfg.max_grad_norm)
+        stats = model.engine.train_step(batches)
         out["steps"].append((stats["loss"], stats["grad_norm"]))
     out["weights"] = _named(model, lambda p: p.data)
+    opt = model.engine.optimizer.optimizer  # the torch optimizer inside Megatron's wrapper
+    out["adam_numel"] = sum(s["exp_avg"].numel() for s in opt.state.values() if "exp_avg" in s)
     return out
 
 
@@ -193,6 +198,30 @@ def test_data_parallel_matches_one_process_on_both_batches(parallel_setup, refer
     assert weight_diff < 1e-6
 
 
+def test_distributed_optimizer_matches_plain_and_shards_adam_state(parallel_setup):
+    """DP=2 with Megatron's DistributedOptimizer: the same losses and grad norms as DP=2 with the plain optimizer
+    over STEPS steps, the same weights on both ranks, and each rank holds half of the Adam state."""
+    plain = spawn(run_layout, 2, parallel_setup, 1, 1, split_batches=True, steps=STEPS, timeout_s=60)
+    dist = spawn(run_layout, 2, parallel_setup, 1, 1, split_batches=True, steps=STEPS, distributed_optimizer=True,
+                 timeout_s=60)
+    assert all(r["layout"].endswith("dp=2 sequence_parallel=False distributed_optimizer=True") for r in dist)
+    for d, p in zip(dist, plain):
+        for (ld, nd), (lp, np_) in zip(d["steps"], p["steps"]):
+            assert ld == pytest.approx(lp, rel=1e-4) and nd == pytest.approx(np_, rel=1e-4)
+    # Adam turns a gradient that is zero in exact arithmetic (a conv bias before BatchNorm) into full steps of
+    # rounding noise, which no two reduction orders share: such parameters are compared for equality across ranks only
+    grads = plain[0]["grads"]
+    top = max(g.abs().max().item() for g in grads.values())
+    noise = {k for k, g in grads.items() if g.abs().max().item() < 1e-6 * top}
+    assert len(noise) < 5, noise
+    for k in dist[0]["weights"]:
+        assert torch.equal(dist[0]["weights"][k], dist[1]["weights"][k]), k
+        if k not in noise:
+            torch.testing.assert_close(dist[0]["weights"][k], plain[0]["weights"][k], atol=1e-5, rtol=1e-4, msg=k)
+    total = plain[0]["adam_numel"]
+    assert sum(r["adam_numel"] for r in dist) == total and max(r["adam_numel"] for r in dist) < 0.51 * total
+
+
 def test_data_parallel_rank_with_an_empty_batch(parallel_setup):
     """A DP rank whose batch lost every item to bad-input handling joins the step with nothing: no hang, and both
     ranks end where one process training on the other rank's batch alone ends."""
@@ -208,7 +237,7 @@ def cp_split(setup_path) -> dict:
     """Rank body (CP=2): this rank's part of a batch padded to a multiple of 2 x CP."""
     from megatron.core import parallel_state as ps
 
-    from nemo_jstip.models.jstip_model import _on_this_cp_rank
+    from nemo_jstip.parallel.engine import split_for_context_parallel
     from nemo_jstip.parallel.dist import init_parallel
 
     init_parallel(cp=2)
@@ -216,7 +245,7 @@ def cp_split(setup_path) -> dict:
     pad = -batch["input_ids"].shape[1] % 4
     batch = {k: torch.nn.functional.pad(v, (0, pad), value=-100 if k == "labels" else 0 if k != "audio_item" else -1)
              if k in ("input_ids", "labels", "loss_mask", "audio_item", "audio_frame") else v for k, v in batch.items()}
-    return {"rank": ps.get_context_parallel_rank(), "full": batch, "part": _on_this_cp_rank(batch)}
+    return {"rank": ps.get_context_parallel_rank(), "full": batch, "part": split_for_context_parallel(batch)}
 
 
 def test_context_parallel_split_is_megatrons_zigzag(parallel_setup):

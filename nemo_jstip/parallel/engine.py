@@ -1,0 +1,210 @@
+"""How one training step runs under Megatron: the engine around a model stage.
+
+The model (``models/jstip_model.py``) says what the network is: a pipeline stage ``stage(batch)`` that returns
+hidden states, or on the last stage the per-token loss ``[B, L]`` whose positions ``batch["loss_mask"]`` selects.
+The engine says how it trains:
+
+* wrapping: Megatron ``DistributedDataParallel`` (gradients reduced into contiguous buffers; reduce-scattered
+  instead of all-reduced with the distributed optimizer);
+* the optimizer: the torch optimizer NeMo builds from ``model.optim`` (param groups, LR schedule and all) inside
+  Megatron's wrapper: ``FP32Optimizer`` / ``Float16OptimizerWithFloat16Params`` (fp32 main weights for bf16/fp16
+  parameters) or, with ``use_distributed_optimizer``, ``DistributedOptimizer`` (main weights and Adam state
+  sharded over the data-parallel ranks: ~12 bytes per parameter less on each extra rank). Global-norm clipping
+  (``max_grad_norm``) is the wrapper's;
+* the schedule: Megatron's forward-backward over ``num_microbatches`` batches (1F1B with PP), with the per-token
+  loss summed over microbatches and normalised over all data- and context-parallel ranks
+  (``calculate_per_token_loss``);
+* the context-parallel split of every sequence tensor, and an idle batch for a rank whose batches were all
+  dropped as bad input (it still joins every collective);
+* the loss and token count reported on every rank (broadcast from the last stage).
+
+On the CPU the same code runs through the shims in ``parallel/cpu.py`` (active only without CUDA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state as ps
+
+from nemo_jstip.parallel.dist import compute_device
+from nemo_jstip.parallel.layout import ParallelLayout
+
+SEQUENCE_KEYS = ("input_ids", "labels", "loss_mask", "audio_item", "audio_frame", "position_ids")
+
+
+@dataclass
+class EngineConfig:
+    """Training-engine options (``model.optim.use_distributed_optimizer``, ``model.max_grad_norm``, ...)."""
+
+    use_distributed_optimizer: bool = False
+    max_grad_norm: float | None = None  # global-norm clipping; None or 0: off
+    grad_reduce_in_fp32: bool = True
+    overlap_grad_reduce: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(d) - names):
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def adam_state(optimizer: torch.optim.Optimizer, config=None) -> None:
+    """Create torch Adam/AdamW state for every parameter that has none (checkpoint loading fills it in place)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p].update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+
+
+class MegatronEngine:
+    """Trains one model stage under Megatron parallelism (see the module docstring)."""
+
+    def __init__(self, stage: torch.nn.Module, layout: ParallelLayout, cfg: EngineConfig, pad_token_id: int = 0):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+
+        self.stage, self.layout, self.cfg, self.pad_token_id = stage, layout, cfg, pad_token_id
+        self.ddp = DistributedDataParallel(
+            stage.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+                                          overlap_grad_reduce=cfg.overlap_grad_reduce,
+                                          use_distributed_optimizer=cfg.use_distributed_optimizer),
+            stage,
+        )
+        stage.config.finalize_model_grads_func = finalize_model_grads
+        stage.config.no_sync_func = self.ddp.no_sync
+        self.optimizer = None  # Megatron's optimizer wrapper, from wrap_optimizer
+
+    def describe(self) -> str:
+        """The one log line of what is in effect."""
+        return self.layout.describe(distributed_optimizer=self.cfg.use_distributed_optimizer)
+
+    # ------------------------------------------------------------------ optimizer
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Put NeMo's torch optimizer (built over the stage's parameters) inside Megatron's optimizer wrapper.
+        The torch optimizer stays the one Lightning and the LR scheduler hold: its param groups keep their
+        hyper-parameters (the distributed optimizer swaps their parameters for this rank's fp32 shards)."""
+        from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+
+        dtype = self.stage.config.params_dtype
+        config = OptimizerConfig(
+            lr=optimizer.param_groups[0]["lr"], clip_grad=float(self.cfg.max_grad_norm or 0.0),
+            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+            use_distributed_optimizer=self.cfg.use_distributed_optimizer,
+        )
+        if self.cfg.use_distributed_optimizer:
+            self.optimizer = DistributedOptimizer(
+                optimizer, config, None, adam_state, [self.ddp], {0: self.ddp.buffers},
+                ps.get_data_parallel_group(with_context_parallel=True),
+                None, 0, 0,  # no gloo side group: checkpoints use the model-space format (fully_sharded_model_space)
+            )
+        elif dtype != torch.float32:
+            self.optimizer = Float16OptimizerWithFloat16Params(optimizer, config, None, adam_state)
+        else:
+            self.optimizer = FP32Optimizer(optimizer, config, adam_state)
+        return self.optimizer
+
+    def optimizer_sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        """The optimizer state in model space (``fully_sharded_model_space``): reshardable to any TP/PP/DP."""
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                                 metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batches: list[dict]) -> dict:
+        """One update from ``batches`` (this rank's microbatches, on the device): loss, tokens, pre-clip grad norm."""
+        if self.optimizer is None:
+            raise RuntimeError("MegatronEngine.train_step before wrap_optimizer (model.setup_optimization)")
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        stats = self.forward_backward(batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError("optimizer step skipped: inf/nan in the gradients")
+        stats["grad_norm"] = float(grad_norm) if self.cfg.max_grad_norm else None
+        self._average_buffers()
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict]) -> dict:
+        return self.forward_backward(batches, forward_only=True)
+
+    def forward_backward(self, batches: list[dict], forward_only: bool) -> dict:
+        """Megatron's schedule over ``batches``; gradients land in ``param.main_grad`` (reduced over DP).
+        Returns the token-weighted loss and the token count over all microbatches and DP/CP ranks, on every rank."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def step(data_iter, model):
+            batch = split_for_context_parallel(next(data_iter))
+            out = model(batch)
+
+            def loss_func(loss):
+                mask = batch["loss_mask"]
+                total = (loss * mask).sum()
+                n = mask.sum().to(torch.int)
+                return total, n, {"loss": torch.stack([total.detach(), n.float()])}
+
+            return out, loss_func
+
+        # a rank whose batches were all dropped as bad input still joins the collectives, contributing nothing
+        batches = [b for b in batches if b["input_ids"].shape[0] > 0] or [self.idle_batch()]
+        reports = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(batches),
+            model=self.stage if forward_only else self.ddp,
+            num_microbatches=len(batches),
+            seq_length=max(b["input_ids"].shape[1] for b in batches),
+            micro_batch_size=max(b["input_ids"].shape[0] for b in batches),
+            forward_only=forward_only,
+        )
+        total = torch.zeros(2)
+        for r in reports:  # last pipeline stage only
+            total += r["loss"].detach().float().cpu()
+        total = total.to(compute_device())
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # every stage reports the loss
+            torch.distributed.broadcast(total, ps.get_pipeline_model_parallel_last_rank(),
+                                        ps.get_pipeline_model_parallel_group())
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return {"loss": (total[0] / total[1].clamp(min=1)).item(), "tokens": int(total[1].item())}
+
+    def idle_batch(self) -> dict:
+        """One row of padding with no loss and no audio; its length suits sequence/context-parallel splitting."""
+        n = 2 * self.layout.tp * self.layout.cp * 8
+        ids = torch.full((1, n), self.pad_token_id, dtype=torch.long, device=compute_device())
+        none = torch.full_like(ids, -1)
+        return {"input_ids": ids, "labels": torch.full_like(ids, -100), "loss_mask": torch.zeros(1, n, device=ids.device),
+                "audio_item": none, "audio_frame": none, "audio": None}
+
+    def _average_buffers(self) -> None:
+        """Keep floating-point buffers (the encoder's BatchNorm statistics) identical on all data-parallel ranks
+        (Megatron DDP reduces gradients only), so every replica evaluates and saves the same model."""
+        if self.layout.dp == 1:
+            return
+        group = ps.get_data_parallel_group()
+        for buf in self.stage.buffers():
+            if buf.is_floating_point():
+                torch.distributed.all_reduce(buf, group=group)
+                buf.div_(self.layout.dp)
+
+
+def split_for_context_parallel(batch: dict) -> dict:
+    """With context parallelism, this rank's two zigzag chunks of every sequence tensor (Megatron's load-balanced
+    split, the one its rotary embedding expects). The splice is per position, so each chunk's placeholders take
+    their frames from the full encoder output: every CP rank encodes the whole audio."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    seq = {k: batch[k] for k in SEQUENCE_KEYS if batch.get(k) is not None}
+    L, n = batch["input_ids"].shape[1], 2 * cp
+    if L % n:
+        raise ValueError(f"sequence length {L} is not a multiple of 2 x CP = {n}: set the dataset's pad_to_multiple")
+    split = get_batch_on_this_cp_rank(seq | {"cu_seqlens": None}, False, ps.get_context_parallel_group())
+    return batch | {k: split[k] for k in seq}
