@@ -219,7 +219,9 @@ class JSTIPModel(ModelPT):
         raw = self._microbatches(dataloader_iter)
         if not raw:
             return None
-        stats = self.engine.train_step([self._to_device(b) for b in raw])
+        batches = [self._to_device(b) for b in raw]
+        # through Lightning's optimizer, so that it counts the step; the strategy runs the closure (the engine's step)
+        stats = self.optimizers().step(closure=lambda: self.engine.train_step(batches))
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()

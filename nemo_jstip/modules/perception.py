@@ -26,8 +26,7 @@ the compute, and the acoustic front end is the part most sensitive to quantisati
 
 Pretrained encoders come from NeMo ASR ``.nemo`` files (CTC, RNNT, hybrid): :meth:`SpeechPerception.config_from_nemo`
 copies their preprocessor/encoder configs, :meth:`SpeechPerception.load_encoder_from_nemo` loads the weights. Both
-read the archive without instantiating anything from it (``torch.load(weights_only=True)``, YAML via OmegaConf's
-safe loader, members outside the extraction folder refused).
+read the archive with the checked reader of ``nemo_jstip/checkpoint.py`` and instantiate nothing from it.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ import hashlib
 import inspect
 import logging
 import os
-import tarfile
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ from nemo.collections.asr.modules import (
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from nemo_jstip.checkpoint import NemoCheckpointError, extract_nemo, read_weights_only
 from nemo_jstip.data.frames import FrameSpec
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,6 @@ _FREE_KEYS = {
     },
 }
 _NEMO_CONFIG, _NEMO_WEIGHTS = "model_config.yaml", "model_weights.ckpt"
-
-
-class NemoCheckpointError(ValueError):
-    """A .nemo that is unsafe to unpack, lacks what we need, or does not fit this perception config."""
 
 
 def _kwargs(section: str, cfg) -> dict[str, Any]:
@@ -387,29 +383,15 @@ class SpeechPerception(nn.Module):
 
 
 def _read_nemo(path: str, weights: bool) -> tuple[DictConfig, dict[str, torch.Tensor] | None]:
-    """Config (and state dict) of a .nemo tar, without trusting it.
-
-    Every member is checked before anything is written: a member that would land outside the extraction folder
-    (``../x``, absolute paths, links) or is not a plain file/folder makes the whole archive refused. Only the two
-    files we need are extracted (with tarfile's ``data`` filter as a second guard); the YAML goes through OmegaConf's
-    safe loader and the weights through ``torch.load(weights_only=True)``, so nothing in the file can run code.
-    """
+    """Config (and state dict) of an ASR .nemo, without trusting it: the archive goes through the one checked tar
+    reader (``nemo_jstip.checkpoint.extract_nemo``), which writes only the two files needed; the YAML is read by
+    OmegaConf's safe loader and the weights with ``weights_only=True``, so nothing in the file can run code."""
     wanted = {_NEMO_CONFIG} | ({_NEMO_WEIGHTS} if weights else set())
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(path, "r:*") as tar:
-        root, found = os.path.realpath(tmp), {}
-        for m in tar.getmembers():
-            dest = os.path.realpath(os.path.join(root, m.name))
-            if os.path.commonpath([root, dest]) != root or not (m.isfile() or m.isdir()) or os.path.isabs(m.name):
-                raise NemoCheckpointError(f"{path}: refusing unsafe archive member {m.name!r}")
-            if m.isfile() and os.path.relpath(dest, root) in wanted:
-                found[os.path.relpath(dest, root)] = m
-        if missing := wanted - found.keys():
+    with tempfile.TemporaryDirectory(prefix="jstip_asr_") as tmp:
+        if missing := wanted - extract_nemo(path, tmp, only=wanted.__contains__):
             raise NemoCheckpointError(f"{path}: no {sorted(missing)} in the archive (a model-parallel checkpoint?)")
-        for m in found.values():
-            tar.extract(m, root, filter="data")
-        cfg = OmegaConf.load(os.path.join(root, _NEMO_CONFIG))
+        cfg = OmegaConf.load(os.path.join(tmp, _NEMO_CONFIG))
         if "encoder" not in cfg or "preprocessor" not in cfg:
             raise NemoCheckpointError(f"{path}: not an ASR model config (no preprocessor/encoder section)")
-        weights_path = os.path.join(root, _NEMO_WEIGHTS)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True) if weights else None
+        state = read_weights_only(Path(tmp, _NEMO_WEIGHTS), f"{path}: {_NEMO_WEIGHTS}") if weights else None
     return cfg, state

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
+from nemo.utils import logging
 
 from nemo_jstip.parallel.layout import ParallelLayout
 
@@ -70,6 +71,36 @@ def save(path, sharded_state: dict, trainer_state: dict, rank_state: dict) -> Pa
         shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
     return final
+
+
+def sharded_training_state(model, is_loading: bool = False) -> dict:
+    """The model's weights and, once it exists, the engine's optimizer state, as Megatron sharded state."""
+    sharded = {"model": model.sharded_state_dict()}
+    if model.engine.optimizer is not None:
+        sharded["optimizer"] = model.engine.optimizer_sharded_state_dict(sharded["model"], is_loading=is_loading)
+    return sharded
+
+
+def save_training(path, model, trainer_state: dict, rank_state: dict) -> Path:
+    """All ranks: a checkpoint of ``model`` (weights + optimizer) with ``trainer_state`` (rank 0's) and
+    ``rank_state`` (each rank's); the layout it was saved at is recorded."""
+    trainer_state = {**trainer_state, "layout": ParallelLayout.current().as_dict()}
+    return save(path, sharded_training_state(model), trainer_state, rank_state)
+
+
+def load_training(path, model) -> tuple[dict, dict]:
+    """All ranks: load weights and optimizer state into ``model`` at the current layout (resharding as needed);
+    returns (trainer state, this rank's state)."""
+    state = load_trainer_state(path)
+    saved = state.pop("layout")
+    if saved != ParallelLayout.current().as_dict():
+        logging.info(f"resuming {checkpoint_dir(path)} saved at {ParallelLayout(**saved).describe()} "
+                     f"(now {ParallelLayout.current().describe()}): resharding")
+    loaded = load_sharded(path, sharded_training_state(model, is_loading=True))
+    model.load_state_dict(loaded["model"], strict=True)
+    if "optimizer" in loaded:
+        model.engine.load_optimizer_state(loaded["optimizer"])
+    return state, load_rank_state(path, saved)
 
 
 def is_checkpoint(path) -> bool:

@@ -103,7 +103,7 @@ class MegatronEngine:
             self.optimizer = DistributedOptimizer(
                 optimizer, config, None, adam_state, [self.ddp], {0: self.ddp.buffers},
                 ps.get_data_parallel_group(with_context_parallel=True),
-                None, 0, 0,  # no gloo side group: checkpoints use the model-space format (fully_sharded_model_space)
+                None, 0, 0,  # no gloo side group: needed only by checkpoint formats that gather over DP
             )
         elif dtype != torch.float32:
             self.optimizer = Float16OptimizerWithFloat16Params(optimizer, config, None, adam_state)
@@ -112,9 +112,28 @@ class MegatronEngine:
         return self.optimizer
 
     def optimizer_sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
-        """The optimizer state in model space (``fully_sharded_model_space``): reshardable to any TP/PP/DP."""
-        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
-                                                 metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+        """The optimizer state as Megatron sharded state. The plain wrappers map it onto the model's sharded
+        tensors: any TP/PP/DP loads it. The distributed optimizer saves each rank's flat shard with no exchange
+        (``dp_reshardable``): it loads at any DP size, at the TP/PP it was saved at (megatron-core 0.19's
+        model-space format for it fails: ``ShardedTensor.flattened_range is not supported``; its
+        ``fully_reshardable`` one gathers each model-parallel shard's whole state over DP while saving)."""
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable"} if self.cfg.use_distributed_optimizer else None
+        if is_loading:  # the state the checkpoint is loaded into (before the first step there is none)
+            adam_state(self.optimizer.optimizer)
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+
+    @torch.no_grad()  # fp32 main-weight shards of the distributed optimizer are views of the parameters
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+        # Without TE/apex Adam, megatron-core 0.19's distributed optimizer keeps torch Adam's step count in the
+        # param groups; on load it gives every parameter one shared step tensor (which foreach AdamW would then
+        # advance once per parameter) and overwrites it with the not-yet-loaded placeholder. The group's count
+        # is the checkpoint's: give each parameter its own copy of it.
+        inner = self.optimizer.optimizer
+        for group in inner.param_groups:
+            if "step" in group:
+                for p in group["params"]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches: list[dict]) -> dict:

@@ -18,7 +18,6 @@ import shutil
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from nemo.utils import logging
 
 from nemo_jstip.parallel import checkpoint as ckpt
 from nemo_jstip.parallel import cpu
@@ -74,6 +73,10 @@ class MegatronStrategy(DDPStrategy):
 
         return super().reduce(tensor, group=group or ps.get_data_parallel_group(), reduce_op=reduce_op)
 
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        """The closure is the engine's whole step (schedule, reduction, Megatron's optimizer): run it, nothing else."""
+        return closure()
+
     # ------------------------------------------------------------------ checkpoints
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -84,31 +87,14 @@ class MegatronStrategy(DDPStrategy):
         return False  # done in load_checkpoint
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        model = self.lightning_module
         jstip = checkpoint.pop("jstip", None) or {}
-        checkpoint.pop("state_dict", None)
+        checkpoint.pop("state_dict", None)  # saved sharded instead
         checkpoint.pop("optimizer_states", None)
-        sharded = {"model": model.sharded_state_dict()}
-        if model.engine.optimizer is not None:
-            sharded["optimizer"] = model.engine.optimizer_sharded_state_dict(sharded["model"])
-        trainer_state = {**checkpoint, "layout": self.layout.as_dict(), "sampler": jstip.get("sampler")}
-        ckpt.save(filepath, sharded, trainer_state, {"rng": jstip.get("rng")})
+        ckpt.save_training(filepath, self.lightning_module, {**checkpoint, "sampler": jstip.get("sampler")},
+                           {"rng": jstip.get("rng")})
 
     def load_checkpoint(self, checkpoint_path) -> dict:
-        model = self.lightning_module
-        state = ckpt.load_trainer_state(checkpoint_path)
-        saved = state.pop("layout")
-        if saved != self.layout.as_dict():
-            logging.info(f"resuming {ckpt.checkpoint_dir(checkpoint_path)} saved at "
-                         f"{ParallelLayout(**saved).describe()} (now {self.layout.describe()}): resharding")
-        sharded = {"model": model.sharded_state_dict()}
-        if model.engine.optimizer is not None:
-            sharded["optimizer"] = model.engine.optimizer_sharded_state_dict(sharded["model"], is_loading=True)
-        loaded = ckpt.load_sharded(checkpoint_path, sharded)
-        model.load_state_dict(loaded["model"], strict=True)
-        if "optimizer" in loaded:
-            model.engine.optimizer.load_state_dict(loaded["optimizer"])
-        rank_state = ckpt.load_rank_state(checkpoint_path, saved)
+        state, rank_state = ckpt.load_training(checkpoint_path, self.lightning_module)
         state["jstip"] = {"rng": rank_state["rng"], "sampler": state.pop("sampler")}
         return state
 

@@ -1,8 +1,6 @@
-"""The .nemo format: saved from a TP x PP run, restored at other layouts with the same loss; and a stranger's
-malicious .nemo executes nothing and writes nothing outside its extraction folder."""
+"""The .nemo format: saved from a TP x PP run, restored at other layouts with the same loss; pretrained weights
+named by the config. Malicious files: tests/test_checkpoint.py."""
 
-import io
-import pickle
 import tarfile
 
 import pytest
@@ -47,86 +45,6 @@ def test_nemo_saved_at_tp2_pp2_restores_and_decodes_at_tp1_and_tp2(parallel_setu
     assert len(one["hypotheses"]) == 4 and all(r["hypotheses"] == one["hypotheses"] for r in two)
 
 
-# ------------------------------------------------------------------ malicious files
-class _Boom:
-    def __reduce__(self):
-        import os
-
-        return os.system, ("touch PWNED",)
-
-
-def _rewrite(nemo_src, nemo_dst, replace: dict[str, bytes], extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()):
-    """Copy a .nemo, replacing the bytes of members whose name ends with a key, and appending ``extra`` members."""
-    with tarfile.open(nemo_src) as src, tarfile.open(nemo_dst, "w:") as dst:
-        for m in src.getmembers():
-            data = src.extractfile(m).read() if m.isfile() else None
-            for suffix, new in replace.items():
-                if m.name.endswith(suffix):
-                    data, m.size = new, len(new)
-            dst.addfile(m, io.BytesIO(data) if data is not None else None)
-        for m, data in extra:
-            dst.addfile(m, io.BytesIO(data) if data is not None else None)
-
-
-@pytest.fixture(scope="module")
-def good_nemo(parallel_setup, tmp_path_factory):
-    path = tmp_path_factory.mktemp("nemo") / "good.nemo"
-    spawn(save_or_restore, 1, parallel_setup, str(path), 1, 1, True)
-    return path
-
-
-def restore_in_process(nemo, cwd):
-    """Rank body: restore in ``cwd``; the error's type and message, or None."""
-    import os
-
-    from nemo_jstip.models.jstip_model import JSTIPModel
-
-    os.chdir(cwd)
-    try:
-        JSTIPModel.restore_from(str(nemo))
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _member(name, data: bytes | None = b"x", kind=tarfile.REGTYPE, linkname=""):
-    m = tarfile.TarInfo(name)
-    m.type, m.size, m.linkname = kind, len(data) if data is not None else 0, linkname
-    return m, data
-
-
-@pytest.mark.parametrize("attack", ["metadata_pickle", "common_pt", "config_target", "path_traversal", "symlink"])
-def test_malicious_nemo_is_refused(good_nemo, tmp_path, attack):
-    bad = tmp_path / "bad.nemo"
-    boom = pickle.dumps(_Boom())
-    if attack == "metadata_pickle":  # DCP metadata is a pickle: the classic code-execution vector
-        _rewrite(good_nemo, bad, {".metadata": boom})
-    elif attack == "common_pt":  # Megatron's common state: a torch.save pickle
-        buf = io.BytesIO()
-        torch.save({"x": _Boom()}, buf)
-        _rewrite(good_nemo, bad, {}, [_member("./model_weights/common.pt", buf.getvalue())])
-    elif attack == "config_target":
-        with tarfile.open(good_nemo) as t:
-            yaml = t.extractfile("./model_config.yaml").read().decode()
-        yaml = "\n".join(l for l in yaml.splitlines() if not l.startswith("target:")) + "\ntarget: os.system\n"
-        _rewrite(good_nemo, bad, {"model_config.yaml": yaml.encode()})
-    elif attack == "path_traversal":
-        _rewrite(good_nemo, bad, {}, [_member(f"../../{tmp_path.name}/escaped.txt")])
-    else:
-        _rewrite(good_nemo, bad, {}, [_member("./link", None, tarfile.SYMTYPE, linkname=str(tmp_path / "target"))])
-    work = tmp_path / "cwd"
-    work.mkdir()
-    (error,) = spawn(restore_in_process, 1, bad, str(work))
-    assert error is not None and "UnsafeCheckpointError" in error, error
-    assert "bad.nemo" in error  # names the file
-    assert not (work / "PWNED").exists() and not list(tmp_path.rglob("PWNED")) and not list(tmp_path.rglob("escaped.txt"))
-
-
-def test_good_nemo_restores(good_nemo, tmp_path):
-    (error,) = spawn(restore_in_process, 1, good_nemo, str(tmp_path))
-    assert error is None
-
-
 def init_from_config(setup_path, nemo_path, hf_dir) -> dict:
     """Rank body: models whose config names pretrained weights (HF folder; a whole .nemo) start from them."""
     from omegaconf import OmegaConf
@@ -148,7 +66,7 @@ def init_from_config(setup_path, nemo_path, hf_dir) -> dict:
 def test_init_from_hf_folder_and_from_nemo(parallel_setup, good_nemo, tmp_path):
     import transformers as T
 
-    from tests.models.conftest import HF_SIZES
+    from tests.conftest import HF_SIZES
 
     data = torch.load(parallel_setup, weights_only=False)
     hf = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=data["hf"]["model.embed_tokens.weight"].shape[0],

@@ -1,7 +1,6 @@
 import dataclasses
 import io
 import os
-import pickle
 import tarfile
 import tempfile
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from nemo_jstip.checkpoint import UnsafeCheckpointError
 from nemo_jstip.modules.perception import NemoCheckpointError, SpeechPerception
 
 SR = 16000
@@ -325,7 +325,7 @@ def test_untrusted_content_is_not_executed(asr_nemo, tmp_path):
     buf = io.BytesIO()
     torch.save({"encoder.x": _Payload()}, buf)
     _write_tar(tmp_path / "pickle.nemo", {**files, "model_weights.ckpt": buf.getvalue()})
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UnsafeCheckpointError, match="model_weights.ckpt: not weights-only data"):
         SpeechPerception(_config(pad_to=0)).load_encoder_from_nemo(str(tmp_path / "pickle.nemo"))
     # config: a _target_ is never instantiated; one that is not the class we build is an error
     cfg = yaml.safe_load(files["model_config.yaml"])
