@@ -95,3 +95,22 @@ def test_tensor_parallel_run_resumes_exactly(tiny_corpus, tmp_path):
     assert sorted(reference) == [0, 1, 2, 3] and sorted(first) == [0, 1] and sorted(second) == [2, 3]
     for step, loss in {**first, **second}.items():
         assert loss == reference[step], (step, loss, reference[step])
+
+
+def test_resume_at_another_layout(tiny_corpus, tmp_path):
+    """Stopped at step 2 at TP=2 (2 processes), the same command at TP=1 (so DP=2) continues at step 2: the
+    checkpoint is a folder of shards, resharded on load; the training sampler continues in the same epoch."""
+    make_tokenizer([f"corpus_dir={tiny_corpus}", "vocab_size=300"])
+    common = ["trainer.devices=2", "trainer.accelerator=cpu", "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+              "model.train_ds.loader.num_workers=0"]
+    first = _train(tiny_corpus, tmp_path / "run", *common, "strategy.tensor_model_parallel_size=2", "trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-4000:]
+    step2 = tmp_path / "run" / "jstip_tiny" / "checkpoints" / "jstip_tiny--step=2-last"
+    assert (step2 / "weights" / ".metadata").is_file() and len(list(step2.glob("rank_*.pt"))) == 2
+    second = _train(tiny_corpus, tmp_path / "run", *common, "strategy.tensor_model_parallel_size=1", "trainer.max_steps=4")
+    assert second.returncode == 0, second.stderr[-4000:]
+    log = (tmp_path / "run" / "stdout.log").read_text() + second.stderr
+    assert "parallel layout: tp=1 pp=1 cp=1 dp=2 sequence_parallel=False distributed_optimizer=False" in log
+    assert "saved at parallel layout: tp=2 pp=1 cp=1 dp=1" in log and "resharding" in log
+    _, resumed = _losses(tmp_path / "run")
+    assert sorted(resumed) == [2, 3]
