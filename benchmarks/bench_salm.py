@@ -4,8 +4,8 @@ Why: SALM (plain LightningModule + HF Llama) is the reference speech-LLM of NeMo
 should not train slower than it at equal size. One process builds both and times them alternately:
 
 - JSTIP: ``conf/jstip_tiny.yaml`` ``model`` section (NeMo mel preprocessor + ConformerEncoder + MLP adapter,
-  Megatron GPT, local layer spec + the CPU shim), one step = ``JSTIPModel.optimizer_step`` (Megatron schedule,
-  Megatron DDP, global-norm clipping, AdamW), as ``training_step`` does.
+  Megatron GPT, local layer spec + the CPU shim), one step = ``model.engine.train_step`` (Megatron schedule,
+  Megatron DDP, Megatron's optimizer wrapper with global-norm clipping around AdamW), as ``training_step`` does.
 - SALM: built offline (``pretrained_weights: False``, a local HF ``LlamaConfig`` folder, a local tokenizer) with
   the SAME preprocessor/encoder kwargs, ``IdentityConnector`` and ``perception.proj`` replaced by a copy of our
   adapter MLP; a ``LlamaForCausalLM`` with the yaml's layers/hidden/ffn/heads/kv-groups. One step =
@@ -239,12 +239,14 @@ def main(argv=None):
 
     o = model_cfg["optim"]
     adamw = dict(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
-    opt_j = torch.optim.AdamW([p for p in model.stage.parameters() if p.requires_grad], **adamw)
+    from omegaconf import OmegaConf
+
+    model.setup_optimization(OmegaConf.create({"name": "adamw", **adamw}))
     params_s = [p for p in salm.parameters() if p.requires_grad]
     opt_s = torch.optim.AdamW(params_s, **adamw)
 
     def step_jstip() -> float:
-        return model.optimizer_step([jb], opt_j, max_norm)["loss"]
+        return model.engine.train_step([jb])["loss"]
 
     def step_salm() -> float:
         opt_s.zero_grad(set_to_none=True)
@@ -286,7 +288,7 @@ def main(argv=None):
         print(f"| {k} | {enc[k] / 1e6:.3f}M / {llm[k] / 1e6:.3f}M / {(enc[k] + llm[k]) / 1e6:.3f}M | {B * L} | "
               f"{mean[k]:.4f} | {std:.4f} | {med[k]:.4f} | {min(times[k]):.4f} | {ratio} |")
     if a.profile:
-        profile(model, salm, jb, sb, opt_j, opt_s, params_s, max_norm)
+        profile(model, salm, jb, sb, opt_s, params_s, max_norm)
     if a.torch_profile:
         torch_profile(steps, a.torch_profile)
 
@@ -301,25 +303,20 @@ def torch_profile(steps: dict, n: int) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
-def profile(model, salm, jb, sb, opt_j, opt_s, params_s, max_norm, n: int = 20):
+def profile(model, salm, jb, sb, opt_s, params_s, max_norm, n: int = 20):
     """Median (min) seconds of the parts of a step, each part timed alternately for the two systems (n times)."""
-    from nemo_jstip.models.jstip_model import clip_grad_norm
     from nemo_jstip.modules.llm import token_loss
 
     B, L = jb["input_ids"].shape
     H = model.llm_cfg.hidden_size
-    params_j = [p for p in model.stage.parameters() if p.requires_grad]
     x_j, x_s, mask = torch.randn(L, B, H), torch.randn(B, L, H), torch.ones(B, L, dtype=torch.bool)
     V, V_pad = model.llm_cfg.vocab_size, model.stage.gpt.output_layer.weight.shape[0]
     logits_j = torch.randn(B, L, V_pad, requires_grad=True)
     logits_s = torch.randn(B * L, V, requires_grad=True)
     labels = jb["labels"]
 
-    def opt_step_j():  # what optimizer_step does after the backward (Megatron DDP leaves the grads in main_grad)
-        for p in params_j:
-            p.grad = p.main_grad
-        clip_grad_norm(params_j, max_norm)
-        opt_j.step()
+    def opt_step_j():  # the engine's step after the backward: Megatron's wrapper clips (main_grad) and steps
+        model.engine.optimizer.step()
 
     def opt_step_s():
         torch.nn.utils.clip_grad_norm_(params_s, max_norm)
@@ -342,7 +339,7 @@ def profile(model, salm, jb, sb, opt_j, opt_s, params_s, max_norm, n: int = 20):
             lambda: model.stage.embed(jb),
             lambda: salm.prepare_inputs(sb)),
         "whole fwd+bwd (model's own path)": (
-            lambda: model._forward_backward([jb], forward_only=False),
+            lambda: model.engine.forward_backward([jb], forward_only=False),
             lambda: salm.training_step(sb, 0)["loss"].backward()),
         "clip + AdamW step": (opt_step_j, opt_step_s),
     }

@@ -32,11 +32,13 @@ Where Lhotse's own samplers fall short for this job (measured with lhotse 1.33.0
 
 Resume. A batch is a :class:`MixedBatch` (a list of items) that knows its ``position`` = (epoch, index within this
 rank's epoch). The dataset passes it on in its output, and the training loop calls
-``sampler.mark_consumed(position)`` after each step; ``state_dict()`` then stores the number of *consumed*
-batches (before the first ``mark_consumed`` it stores the number yielded, which is exact only without workers).
-``load_state_dict`` replays the epoch from its start up to that count (the whole pipeline is a pure function of
-seed, epoch and config), so the next batch is the one an uninterrupted run would have trained on next.
-Replaying costs one pass over the epoch's metadata up to that point (see benchmarks/bench_sampler.py).
+``sampler.mark_consumed(position)`` after each step; ``state_dict()`` then stores how many batches of the epoch's
+shared stream (all DP ranks' batches) were drawn up to the last *consumed* one (before the first ``mark_consumed``
+it counts the batches yielded, which is exact only without workers). ``load_state_dict`` replays the epoch from its
+start up to there (the whole pipeline is a pure function of seed, epoch, DP size and config), so the next batch is
+the one an uninterrupted run would have trained on next. At another DP size the replay instead collects the items
+consumed so far, and the epoch restarts without them (see ``load_state_dict``). Replaying costs one pass over the
+epoch's metadata up to that point (see benchmarks/bench_sampler.py).
 
 Typical use (the sampler lives in the main process, the dataset turns item lists into tensors in the workers)::
 

@@ -3,9 +3,8 @@
 Data flows one way: the dataset lays out each sequence (placeholders for speech frames, labels) in the DataLoader
 workers; the first pipeline stage encodes the audio once, splices the frames into the token embeddings with one
 gather (``frames[audio_item[m], audio_frame[m]]``) and hands them to the GPT as ``decoder_input``; the last stage
-returns the per-token cross-entropy. Training runs Megatron's own pipeline schedule over ``num_microbatches``
-loader batches per step, with per-token loss normalisation over all microbatches and data-parallel ranks
-(``calculate_per_token_loss``), and Megatron's DistributedDataParallel for gradient reduction.
+returns the per-token cross-entropy. How a step runs under Megatron (DDP, the optimizer wrapper, the schedule
+over ``num_microbatches`` loader batches, loss reduction) is the engine's: ``parallel/engine.py``.
 
 Modules are built in ``configure_model`` (Lightning calls it once the strategy has set up Megatron's parallel
 state); without a trainer they are built at once in a single-process parallel state.
