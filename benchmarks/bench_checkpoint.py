@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from nemo_jstip.parallel.dist import spawn  # noqa: E402
 
-LAYOUTS = {"tp1": (1, 1, False), "tp2": (2, 1, False), "dp2": (1, 2, False), "dp2-distopt": (1, 2, True)}
+LAYOUTS = {"tp1": (1, 1, False), "tp2": (2, 2, False), "dp2": (1, 2, False), "dp2-distopt": (1, 2, True)}  # (tp, ranks, distopt)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -35,14 +35,13 @@ def _rss() -> int:
 
 
 def _state_bytes(model) -> int:
-    """This rank's weights plus its optimizer state (main weights of the distributed optimizer included)."""
+    """This rank's weights plus its optimizer state (fp32 parameters: the distributed optimizer's main-weight
+    shards are views of them, counted once)."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     opt = model.engine.optimizer.optimizer
     for group in opt.param_groups:
         for p in group["params"]:
             n += sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t) and t.dim())
-            if model.engine.cfg.use_distributed_optimizer:
-                n += p.numel() * p.element_size()
     return n
 
 

@@ -7,8 +7,12 @@ wanted and the batch is random token ids, built directly in the batch contract o
 (input_ids, labels, loss_mask, audio_item, audio_frame, audio, audio_lens): ``--speech-frac`` of each row's
 positions are speech frames taken from ``--audio-seconds`` long random waveforms (as many per row as needed).
 
-One step = what ``JSTIPModel.training_step`` does without a Trainer (as tests/models/test_overfit.py):
-``JSTIPModel.optimizer_step`` (Megatron schedule, 1 microbatch by default, Megatron DDP, grad clipping, AdamW), timed with CUDA synchronisation after ``--warmup`` untimed steps.
+One step = what ``JSTIPModel.training_step`` does without a Trainer (as tests/models/test_overfit.py): the model's
+engine step (Megatron schedule, 1 microbatch by default, Megatron DDP, Megatron's optimizer wrapper with global-norm
+clipping around a fused torch AdamW), timed with CUDA synchronisation after ``--warmup`` untimed steps.
+``--batch 8,2`` measures several batch sizes on one model. Speed options, each reported as part of the label:
+``--foreach`` (Megatron's multi-tensor helpers as torch._foreach ops: without TE/apex it falls back to one kernel
+and one host sync per parameter), ``--compile [MODE]`` (torch.compile of every LLM and Conformer layer).
 
 MFU (LLM side only; encoder + adapter FLOPs are not counted but their time is in the step):
     flops/step = 6 * (N_nonemb + V*h) * T  +  6 * n_layers * (heads*head_dim) * S^2 * B
@@ -60,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="all", help="comma list of " + ", ".join(CONFIGS) + " (or all)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=2, help="rows per microbatch")
+    p.add_argument("--batch", default="2", help="rows per microbatch; a comma list measures each on the same model")
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--llm-layers", type=int, default=16)
@@ -76,13 +80,18 @@ def parse_args(argv=None):
     p.add_argument("--speech-frac", type=float, default=0.25)
     p.add_argument("--audio-seconds", type=float, default=16.0)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense BF16 peak; default from the device name")
+    p.add_argument("--foreach", action="store_true", help="Megatron's multi-tensor helpers via torch._foreach ops")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile each LLM and Conformer layer (reduce-overhead adds CUDA graphs)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--torch-profile", type=int, default=0, metavar="N",
                    help="after timing, N steps under torch.profiler: top kernels by device time (where a step goes)")
     a = p.parse_args(argv)
     if a.tiny:
         a.seq, a.llm_layers, a.hidden, a.ffn, a.heads, a.kv_groups, a.vocab = 256, 2, 128, 256, 4, 2, 512
-        a.enc_layers, a.enc_dim, a.enc_heads, a.mel, a.audio_seconds, a.batch = 2, 64, 2, 32, 4.0, 2
+        a.enc_layers, a.enc_dim, a.enc_heads, a.mel, a.audio_seconds = 2, 64, 2, 32, 4.0
+    a.batches = [int(b) for b in str(a.batch).split(",")]
     return a
 
 
@@ -105,9 +114,9 @@ def model_config(a, tok_dir: str, spec: str, params_dtype: str, fp8, recipe) -> 
             "max_grad_norm": 1.0, "seed": 1234}
 
 
-def synthetic_batch(a, frame_spec, vocab: int, device) -> dict:
+def synthetic_batch(a, B: int, frame_spec, vocab: int, device) -> dict:
     """One microbatch in the dataset contract: speech frames in runs at the start of each row, text after."""
-    B, L = a.batch, a.seq
+    L = a.seq
     n_samples = int(a.audio_seconds * frame_spec.sample_rate)
     per_item = frame_spec.num_frames(n_samples)
     speech = int(a.speech_frac * L)
@@ -159,7 +168,59 @@ def peak_flops(a, device) -> tuple[float | None, str]:
     return None, name
 
 
-def run_config(name: str, a, tok_dir: str, device) -> dict:
+def engine_step(model, optimizer):
+    """The one place that calls the model's training API: ``step(batches) -> loss``."""
+    model.engine.wrap_optimizer(optimizer)
+    return lambda batches: model.engine.train_step(batches)["loss"]
+
+
+def use_foreach_multi_tensor() -> None:
+    """Megatron's multi-tensor helpers (grad norm, clip scaling, main -> model weight copies) as torch._foreach ops.
+    Without TE or apex, megatron-core falls back to per-tensor loops whose l2 norm reads every norm to the host: one
+    sync per parameter per step (~650 here)."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = torch._foreach_norm(tensor_lists[0], 2.0)
+        return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+    def scale(chunk_size, noop_flag, tensor_lists, factor):
+        src, dst = tensor_lists
+        if factor == 1.0:
+            torch._foreach_copy_(dst, src)
+        elif all(a is b for a, b in zip(src, dst)):
+            torch._foreach_mul_(dst, factor)
+        else:
+            torch._foreach_copy_(dst, torch._foreach_mul(src, factor))
+
+    clip_grads.l2_norm_impl = l2norm
+    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = scale
+    # main -> bf16 model weights after each step: a copy_ per parameter otherwise (Megatron has no bf16 kernel)
+    optimizer._multi_tensor_copy_this_to_that = lambda this, that, overflow_buf=None: torch._foreach_copy_(that, this)
+
+
+def compile_layers(model, mode: str) -> int:
+    """torch.compile every LLM decoder layer and Conformer layer in place (names and parameters unchanged)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    # Megatron's linears look up their TP group per call, warning through torch.distributed.get_rank() when it is
+    # None: a graph break (and a recompile per linear shape) in every row-parallel linear. Same group, no warning.
+    tp_layers.get_tensor_model_parallel_group_if_none = (
+        lambda group, is_expert=False, check_initialized=True: group if group is not None else (
+            ps.get_expert_tensor_parallel_group() if is_expert else ps.get_tensor_model_parallel_group()))
+    layers = [*model.stage.gpt.decoder.layers, *model.stage.perception.encoder.layers]
+    for layer in layers:
+        layer.compile(mode=None if mode == "default" else mode, dynamic=False)
+    return len(layers)
+
+
+def label(name: str, a, B: int) -> str:
+    opts = "".join(f"+{o}" for o, on in (("foreach", a.foreach), (f"compile-{a.compile}", a.compile)) if on)
+    return f"{name}{opts} {B}x{a.microbatches}x{a.seq}"
+
+
+def run_config(name: str, a, tok_dir: str, device) -> list[dict]:
     from omegaconf import OmegaConf
 
     from nemo_jstip.models.jstip_model import JSTIPModel
@@ -167,26 +228,49 @@ def run_config(name: str, a, tok_dir: str, device) -> dict:
 
     spec, params_dtype, fp8, recipe = CONFIGS[name]
     if spec == "te" and not te_available():
-        return {"config": name, "skipped": "Transformer Engine does not import here"}
+        return [{"config": name, "skipped": "Transformer Engine does not import here"}]
     if device.type == "cpu" and (spec == "te" or fp8):
-        return {"config": name, "skipped": "needs CUDA"}
+        return [{"config": name, "skipped": "needs CUDA"}]
     torch.manual_seed(0)
     model = JSTIPModel(OmegaConf.create(model_config(a, tok_dir, spec, params_dtype, fp8, recipe)))
     model.stage.to(device)
+    if a.compile:
+        compile_layers(model, a.compile)
     params = [p for p in model.stage.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=device.type == "cuda")
-    batches = [synthetic_batch(a, model.frame_spec, model.llm_cfg.vocab_size, device) for _ in range(a.microbatches)]
-    tokens = sum(b["input_ids"].numel() for b in batches)
+    train_step = engine_step(model, opt)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    peak, _ = peak_flops(a, device)
+    out = []
+    for B in a.batches:
+        try:
+            out.append(measure(name, a, B, model, train_step, autocast, sync, peak, device))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory at the largest batch: keep the others
+            traceback.print_exc(limit=3)
+            out.append({"config": name, "label": label(name, a, B),
+                        "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    del model, opt, params, train_step
+    return out
+
+
+def measure(name: str, a, B: int, model, train_step, autocast, sync, peak, device) -> dict:
+    """One batch size: warmup, timed steps, LLM-side FLOPs and MFU, peak memory."""
+    batches = [synthetic_batch(a, B, model.frame_spec, model.llm_cfg.vocab_size, device)
+               for _ in range(a.microbatches)]
+    tokens = sum(b["input_ids"].numel() for b in batches)
 
     def step() -> float:
         with autocast:
-            return model.optimizer_step(batches, opt, 1.0)["loss"]
+            return train_step(batches)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
     for _ in range(a.warmup):
         step()
     sync()
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -194,17 +278,19 @@ def run_config(name: str, a, tok_dir: str, device) -> dict:
     sync()
     dt = (time.perf_counter() - t0) / max(a.steps, 1)
     if a.torch_profile:
-        torch_profile(step, a.torch_profile, device, name)
+        torch_profile(step, a.torch_profile, device, label(name, a, B))
     flops, n_nonemb = llm_flops(model.stage.gpt, a, tokens)
-    peak, _ = peak_flops(a, device)
     n_enc = sum(p.numel() for p in model.stage.perception.parameters())
-    res = {"config": name, "step_ms": 1e3 * dt, "tokens_per_s": tokens / dt,
-           "mfu_pct": 100 * flops / (dt * peak) if peak else None, "tflops_per_s": flops / dt / 1e12,
-           "llm_flops_per_step": flops, "llm_nonemb_params": n_nonemb, "perception_params": n_enc,
-           "tokens_per_step": tokens, "loss_last": losses[-1] if losses else None,
-           "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    del model, opt, batches, params
-    return res
+    mfu = flops / (dt * peak) if peak else None
+    r = {"config": name, "label": label(name, a, B), "batch": B, "microbatches": a.microbatches, "seq": a.seq,
+         "foreach": a.foreach, "compile": a.compile, "step_ms": 1e3 * dt, "tokens_per_s": tokens / dt,
+         "mfu": mfu, "mfu_pct": 100 * mfu if mfu is not None else None, "tflops_per_s": flops / dt / 1e12,
+         "llm_flops_per_step": flops, "llm_nonemb_params": n_nonemb, "perception_params": n_enc,
+         "tokens_per_step": tokens, "loss_last": losses[-1] if losses else None, "warmup_s": warmup_s,
+         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    print(f"[done] {r['label']}: {r['step_ms']:.1f} ms/step, loss {r['loss_last']:.3f}, warmup {warmup_s:.1f} s",
+          flush=True)
+    return r
 
 
 def torch_profile(step, n: int, device, name: str) -> None:
@@ -258,35 +344,38 @@ def main(argv=None) -> list[dict]:
     print(f"device: {dev_name}; peak BF16 {peak / 1e12 if peak else 'unknown'} TFLOP/s; torch {torch.__version__}")
     print(f"LLM {a.llm_layers}L h{a.hidden} ffn{a.ffn} {a.heads}h/{a.kv_groups}kv vocab {a.vocab}; encoder "
           f"{a.enc_layers}L d{a.enc_dim}; seq {a.seq} x batch {a.batch} x {a.microbatches} microbatch(es); "
+          f"foreach {a.foreach}, compile {a.compile}; "
           f"speech {a.speech_frac:.0%} of positions from {a.audio_seconds:g} s clips; {a.warmup} warmup + {a.steps} steps")
+    if a.foreach:
+        use_foreach_multi_tensor()
     results = []
     for name in names:
         try:
-            r = run_config(name, a, tok_dir, device)
+            rs = run_config(name, a, tok_dir, device)
         except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
             traceback.print_exc(limit=3)
-            r = {"config": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-        if "skipped" in r:
-            print(f"[skip] {name}: {r['skipped']}")
-        else:
-            print(f"[done] {name}: {r['step_ms']:.1f} ms/step, loss {r['loss_last']:.3f}")
-        results.append(r)
+            rs = [{"config": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}]
+        for r in rs:
+            if "skipped" in r:
+                print(f"[skip] {name}: {r['skipped']}")
+        results += rs
+        if a.out:  # after every configuration: a run stopped at its time limit keeps what it measured
+            Path(a.out).write_text(json.dumps({"device": dev_name, "peak_flops": peak, "args": vars(a),
+                                               "results": results}, indent=2))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\n{'config':<22} {'step ms':>10} {'tokens/s':>12} {'TFLOP/s':>9} {'MFU %':>7} {'mem GiB':>8}")
+    print(f"\n{'config':<44} {'step ms':>10} {'tokens/s':>12} {'TFLOP/s':>9} {'MFU %':>7} {'mem GiB':>8}")
     for r in results:
         if "skipped" in r:
-            print(f"{r['config']:<22} {'skipped: ' + r['skipped']}")
+            print(f"{r['config']:<44} {'skipped: ' + r['skipped']}")
             continue
         mfu = f"{r['mfu_pct']:.1f}" if r["mfu_pct"] is not None else "n/a"
-        mem = f"{r['max_mem_gib']:.1f}" if r["max_mem_gib"] is not None else "n/a"
-        print(f"{r['config']:<22} {r['step_ms']:>10.1f} {r['tokens_per_s']:>12.0f} {r['tflops_per_s']:>9.2f} "
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        print(f"{r['label']:<44} {r['step_ms']:>10.1f} {r['tokens_per_s']:>12.0f} {r['tflops_per_s']:>9.2f} "
               f"{mfu:>7} {mem:>8}")
     if a.out:
-        Path(a.out).write_text(json.dumps({"device": dev_name, "peak_flops": peak, "args": vars(a),
-                                           "results": results}, indent=2))
         print(f"wrote {a.out}")
     return results
 
