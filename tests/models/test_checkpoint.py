@@ -59,7 +59,7 @@ def init_from_config(setup_path, nemo_path, hf_dir) -> dict:
     from_hf = JSTIPModel(cfg)
     cfg.llm.init_from_hf, cfg.init_from_nemo = None, nemo_path
     from_nemo = JSTIPModel(cfg)
-    return {"hf_embedding": from_hf.stage.gpt.embedding.word_embeddings.weight.detach().clone(),
+    return {"hf_embedding": from_hf.stage.gpt.embedding.word_embeddings.weight.detach().cpu().clone(),
             "loss": from_nemo.loss(data["batches"])["loss"]}
 
 
