@@ -84,7 +84,8 @@ def sharded_training_state(model, is_loading: bool = False) -> dict:
 def save_training(path, model, trainer_state: dict, rank_state: dict) -> Path:
     """All ranks: a checkpoint of ``model`` (weights + optimizer) with ``trainer_state`` (rank 0's) and
     ``rank_state`` (each rank's); the layout it was saved at is recorded."""
-    trainer_state = {**trainer_state, "layout": ParallelLayout.current().as_dict()}
+    trainer_state = {**trainer_state, "layout": ParallelLayout.current().as_dict(),
+                     "distributed_optimizer": model.engine.cfg.use_distributed_optimizer}
     return save(path, sharded_training_state(model), trainer_state, rank_state)
 
 
@@ -92,8 +93,15 @@ def load_training(path, model) -> tuple[dict, dict]:
     """All ranks: load weights and optimizer state into ``model`` at the current layout (resharding as needed);
     returns (trainer state, this rank's state)."""
     state = load_trainer_state(path)
-    saved = state.pop("layout")
-    if saved != ParallelLayout.current().as_dict():
+    saved, distributed = state.pop("layout"), state.pop("distributed_optimizer")
+    now = ParallelLayout.current().as_dict()
+    if model.engine.optimizer is not None and distributed != model.engine.cfg.use_distributed_optimizer:
+        raise CheckpointError(f"{checkpoint_dir(path)}: saved with use_distributed_optimizer={distributed}, this run "
+                              f"has {model.engine.cfg.use_distributed_optimizer}; their optimizer states differ")
+    if distributed and any(saved[k] != now[k] for k in ("tp", "pp", "cp")):
+        raise CheckpointError(f"{checkpoint_dir(path)}: the distributed optimizer's state resumes at any DP size but "
+                              f"only at the TP/PP/CP it was saved at ({ParallelLayout(**saved).describe()})")
+    if saved != now:
         logging.info(f"resuming {checkpoint_dir(path)} saved at {ParallelLayout(**saved).describe()} "
                      f"(now {ParallelLayout.current().describe()}): resharding")
     loaded = load_sharded(path, sharded_training_state(model, is_loading=True))

@@ -65,6 +65,10 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_dp_size(parallel_se
     two = spawn(train, 2, parallel_setup, str(tmp_path / "c"), 1, 1, "load", distributed_optimizer=True,
                 split_batches=True, timeout_s=120)
     assert all(r["losses"] == pytest.approx(ref["losses"][1:], rel=1e-5, abs=1e-5) for r in two)
+    with pytest.raises(RuntimeError, match="CheckpointError: .*saved with use_distributed_optimizer=True"):
+        spawn(train, 1, parallel_setup, str(tmp_path / "c"), 1, 1, "load", timeout_s=120)
+    with pytest.raises(RuntimeError, match="CheckpointError: .*only at the TP/PP/CP it was saved at"):
+        spawn(train, 2, parallel_setup, str(tmp_path / "c"), 2, 1, "load", distributed_optimizer=True, timeout_s=120)
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
