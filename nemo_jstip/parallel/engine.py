@@ -23,7 +23,6 @@ On the CPU the same code runs through the shims in ``parallel/cpu.py`` (active o
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +42,6 @@ class EngineConfig:
     max_grad_norm: float | None = None  # global-norm clipping; None or 0: off
     grad_reduce_in_fp32: bool = True
     overlap_grad_reduce: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EngineConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(d) - names):
-            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 def adam_state(optimizer: torch.optim.Optimizer, config=None) -> None:
