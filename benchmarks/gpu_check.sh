@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #36's one prepared run on a lent single GPU. The image has PyTorch, Triton, lightning, pytest(-xdist) and
+# The one prepared run for a lent single GPU. The image has PyTorch, Triton, lightning, pytest(-xdist) and
 # tensorboard, but no NeMo, megatron-core, Lhotse, hydra or Transformer Engine (so the local layer spec runs):
 #   1. install the carried wheels (.whl/) into /tmp/site;
 #   2. the single-process tests in the background (SIGINT at the limit, so pytest still prints its report); meanwhile

@@ -44,6 +44,8 @@ from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint import planner as dcp_plan
 from torch.distributed.checkpoint.api import CheckpointException
 
+from nemo_jstip.parallel.checkpoint import save_shards
+
 WEIGHTS = "model_weights"
 # Limits of extract_nemo, checked on the member headers before anything is written.
 MAX_MEMBERS = 10_000
@@ -249,17 +251,6 @@ def _load_vetted(model, folder: Path, strict: bool) -> None:
     model.load_state_dict(state, strict=strict)
 
 
-def save_weights(model, folder: str | Path) -> None:
-    """All ranks: write this rank's shards of ``model.sharded_state_dict()`` into ``folder`` (shared filesystem)."""
-    folder = Path(folder)
-    if torch.distributed.get_rank() == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(folder))
-    torch.distributed.barrier()
-
-
 def load_nemo_weights(model, nemo_path: str | Path, strict: bool = True) -> None:
     """Initialise ``model``'s weights from a .nemo (e.g. a fine-tuning stage starting from a pretrained model)."""
     with tempfile.TemporaryDirectory(prefix="jstip_nemo_") as tmp, _naming(nemo_path):
@@ -356,7 +347,7 @@ class JSTIPSaveRestoreConnector(SaveRestoreConnector):
     def save_to(self, model, save_path: str) -> str:
         save_path = Path(save_path).resolve()
         staging = save_path.with_name(f".{save_path.name}.staging")  # every rank writes its shards here
-        save_weights(model, staging / WEIGHTS)
+        save_shards(model.sharded_state_dict(), staging / WEIGHTS)
         if torch.distributed.get_rank() == 0:
             config_yaml = staging / self.model_config_yaml
             model.to_config_file(path2yaml_file=str(config_yaml))

@@ -1,4 +1,4 @@
-"""Session fixtures: the tiny corpus; the tiny JSTIP setup (tokenizer, config, weights and two real batches, on
+"""Fixtures shared by the whole test run: the tiny corpus; the tiny JSTIP setup (tokenizer, config, weights and two real batches, on
 disk) that every model test builds from; and a real .nemo saved from it."""
 
 import dataclasses
@@ -56,7 +56,7 @@ PERCEPTION = {
 
 @pytest.fixture(scope="session", autouse=True)
 def _forkserver_preloads_the_model():
-    """Have ``spawn``'s forkserver (started by the session's first spawn) import NeMo and the model once, so that
+    """Have ``spawn``'s forkserver (started by the run's first spawn) import NeMo and the model once, so that
     each rank starts without ~10 s of imports (NeMo's)."""
     from nemo_jstip.parallel import dist
 

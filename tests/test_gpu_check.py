@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh (issue #36's one GPU run) without a GPU: its record step assembles gpu_check.json from a
+"""benchmarks/gpu_check.sh (the prepared single-GPU run) without a GPU: its record step assembles gpu_check.json from a
 finished run's files, and bench_gpu.py's --foreach helpers compute what Megatron's multi-tensor fallbacks compute.
 The whole script at tiny size on the CPU is `bash benchmarks/gpu_check.sh OUT --dry-run` (minutes; needs the carried
 corpus, see docs/perf.md)."""

@@ -48,16 +48,25 @@ def coordinates() -> dict[str, int]:
             "cp": ps.get_context_parallel_rank(), "dp": ps.get_data_parallel_rank()}
 
 
+def save_shards(sharded_state: dict, folder: str | Path) -> None:
+    """All ranks: write this rank's shards of ``sharded_state`` into a fresh ``folder`` (a shared filesystem)."""
+    folder = Path(folder)
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(sharded_state, str(folder))
+    torch.distributed.barrier()
+
+
 def save(path, sharded_state: dict, trainer_state: dict, rank_state: dict) -> Path:
     """All ranks: write a checkpoint folder (see the module docstring); returns it."""
     final = checkpoint_dir(path)
     staging = final.with_name(f".{final.name}.partial")
     rank = torch.distributed.get_rank()
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / WEIGHTS).mkdir(parents=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(sharded_state, str(staging / WEIGHTS))
+        shutil.rmtree(staging, ignore_errors=True)  # a killed save's leftovers (rank files of another layout)
+    save_shards(sharded_state, staging / WEIGHTS)
     torch.save({"coordinates": coordinates(), **rank_state}, staging / f"rank_{rank:05d}.pt")
     if rank == 0:
         torch.save(trainer_state, staging / TRAINER)

@@ -195,13 +195,14 @@ class MegatronEngine:
     def _average_buffers(self) -> None:
         """Keep floating-point buffers (the encoder's BatchNorm statistics) identical on all data-parallel ranks
         (Megatron DDP reduces gradients only), so every replica evaluates and saves the same model."""
-        if self.layout.dp == 1:
+        bufs = [b for b in self.stage.buffers() if b.is_floating_point()]
+        if self.layout.dp == 1 or not bufs:
             return
-        group = ps.get_data_parallel_group()
-        for buf in self.stage.buffers():
-            if buf.is_floating_point():
-                torch.distributed.all_reduce(buf, group=group)
-                buf.div_(self.layout.dp)
+        flat = torch.cat([b.reshape(-1).float() for b in bufs])  # one collective per step, not one per buffer
+        torch.distributed.all_reduce(flat, group=ps.get_data_parallel_group())
+        flat.div_(self.layout.dp)
+        for b, part in zip(bufs, flat.split([b.numel() for b in bufs])):
+            b.copy_(part.view_as(b))
 
 
 def split_for_context_parallel(batch: dict) -> dict:
