@@ -483,9 +483,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(shlex.join(cmd))
         return
     t0 = time.time()
-    if a.build and (ROOT / a.build / "build.json").exists() and (a.encoder, a.llm) == (ENCODER, RECIPES[a.config][0]):
-        for part in restore_build(ROOT / a.build, ROOT / a.encoder, ROOT / a.llm, a.config):
-            print(f"prep: {part} restored from {a.build}", flush=True)
 
     def prep_one(item) -> None:  # a stage's commands are independent: they run side by side (--jobs)
         made, cmd = item
@@ -493,7 +490,12 @@ def main(argv: list[str] | None = None) -> None:
         log = out / f"prep_{cmd[2].rsplit('.', 1)[-1]}.log"
         print(f"prep {cmd[2]} took {_run(cmd, log) / 60:.1f} min", flush=True)
 
-    for stage in prep:
+    for i, stage in enumerate(prep):
+        # the build goes in after the corpus and its tokenizer: a fresh corpus build replaces the whole folder
+        if i == len(prep) - 1 and a.build and (ROOT / a.build / "build.json").exists() \
+                and (a.encoder, a.llm) == (ENCODER, RECIPES[a.config][0]):
+            for part in restore_build(ROOT / a.build, ROOT / a.encoder, ROOT / a.llm, a.config):
+                print(f"prep: {part} restored from {a.build}", flush=True)
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(prep_one, [(made, cmd) for made, cmd in stage if not (made and (ROOT / made).exists())]))
 
