@@ -52,12 +52,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
 import numpy as np
+import soundfile as sf
 import torch
 from lhotse.cut import Cut
 
 from nemo_jstip.data.examples import IGNORE, Example, ExampleBuilder, example_cost
 from nemo_jstip.data.interleave import TEXT
-from nemo_jstip.data.sampler import COST_KEY, KIND_KEY
+from nemo_jstip.data.sampler import COST_KEY, KIND_KEY, SAMPLER_PROBLEMS, STREAM_KEY
 
 __all__ = ["DatasetConfig", "JSTIPDataset", "BadInputError", "PROBLEMS", "CostFn", "make_cost_fn", "kind_of"]
 
@@ -69,7 +70,7 @@ PROBLEMS = {  # in the order the dataset checks them; the first that applies win
     "audio_too_short": ("audio shorter than one encoder+adapter frame", "dropped"),
     "sample_rate": ("audio sampling rate differs from FrameSpec.sample_rate", "resampled on load (Lhotse)"),
     "no_alignment": ("interleaved cut without a word alignment", "built as ASR"),
-    "alignment_mismatch": ("alignment words differ from the transcript", "built as ASR"),
+    "alignment_mismatch": ("alignment words differ from the transcript, even after normalisation", "built as ASR"),
     "alignment_order": ("alignment words out of order, overlapping, negative or non-finite", "built as ASR"),
     "alignment_beyond_audio": ("alignment times outside the audio (beyond 20 ms tolerance)", "built as ASR"),
     "bad_alignment": ("other unusable alignment (more words than encoder frames, several supervisions)",
@@ -77,8 +78,14 @@ PROBLEMS = {  # in the order the dataset checks them; the first that applies win
     "unencodable_text": ("text the tokenizer cannot encode (unknown-token ids, or no tokens for a span)", "dropped"),
     "cost_over_budget": ("example longer than the cost the sampler budgeted (tokenizer not additive over spans)",
                          "kept (the batch may exceed max_tokens)"),
-    "unreadable_audio": ("audio missing, corrupt, not mono or not as long as the manifest says", "dropped"),
+    "missing_audio": ("audio file missing", "dropped"),
+    "manifest_sample_rate": ("audio file's sampling rate differs from the manifest's recording.sampling_rate",
+                             "dropped"),
+    "unreadable_audio": ("audio corrupt or not as long as the manifest says", "dropped"),
+    "multi_channel": ("audio with several channels", "downmixed (mean of the channels)"),
+    **SAMPLER_PROBLEMS,
 }
+DROPPED = frozenset(c for c, (_, action) in PROBLEMS.items() if action.startswith("dropped"))
 
 _ALIGNMENT_CODES = (  # AlignmentError messages of interleave.read_alignment / FrameSpec.word_frames -> code
     ("no word alignment", "no_alignment"),
@@ -87,6 +94,21 @@ _ALIGNMENT_CODES = (  # AlignmentError messages of interleave.read_alignment / F
     ("negative duration or non-finite", "alignment_order"),
     ("exceed the audio", "alignment_beyond_audio"),
 )
+
+
+class Problems(Counter):
+    """One batch's bad-input events: code -> count, plus the dropped items (``dropped``: item id -> "code: why")
+    and the counts per source stream (``by_source``: stream name -> code -> count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped: dict[str, str] = {}
+        self.by_source: dict[str, Counter] = {}
+        self.source = "?"  # the stream of the item being built
+
+
+def _source(item) -> str:
+    return str((getattr(item, "custom", None) or {}).get(STREAM_KEY) or "?")
 
 
 class BadInputError(ValueError):
@@ -219,6 +241,10 @@ class JSTIPDataset(torch.utils.data.Dataset):
             raise BadInputError(code, message)
         problems[code] += 1
         self.stats[code] += 1
+        if isinstance(problems, Problems):
+            problems.by_source.setdefault(problems.source, Counter())[code] += 1
+            if code in DROPPED:
+                problems.dropped[item_id] = f"{code}: {detail}"
         if (code, item_id) not in self._logged:
             self._logged.add((code, item_id))
             log.warning("%s -> %s [%s]", message, PROBLEMS[code][1], code)
@@ -235,7 +261,7 @@ class JSTIPDataset(torch.utils.data.Dataset):
 
     def example(self, item, epoch: int | None = None) -> Example | None:
         """The example ``item`` becomes under the bad-input policy (None: dropped); no audio is read."""
-        row = self._row(item, self.epoch if epoch is None else epoch, Counter())
+        row = self._row(item, self.epoch if epoch is None else epoch, Problems())
         return None if row is None else row.example
 
     def _text_row(self, item, text: str, id: str, problems: Counter, entities=(), domain=None) -> _Row | None:
@@ -252,8 +278,9 @@ class JSTIPDataset(torch.utils.data.Dataset):
             return self._bad("unencodable_text", id, f"text {text[:40]!r}: {why}", problems)
         return self._check_cost(item, _Row(ex, None, text, list(entities), domain), problems)
 
-    def _row(self, item, epoch: int, problems: Counter) -> _Row | None:
+    def _row(self, item, epoch: int, problems: Problems) -> _Row | None:
         kind, prompt, b = kind_of(item), self.cfg.prompt, self.builder
+        problems.source = _source(item)
         if kind == "text":
             text = _text(item)
             id = getattr(item, "id", None) or f"text:{text[:30]}"  # a NeMo TextExample has no id
@@ -295,20 +322,28 @@ class JSTIPDataset(torch.utils.data.Dataset):
                       f"sampler cost {budget}", problems)
         return row
 
-    def _load_audio(self, row: _Row, problems: Counter) -> np.ndarray | None:
+    def _load_audio(self, row: _Row, problems: Problems) -> np.ndarray | None:
         cut = row.cut
+        problems.source = _source(cut)
+        if missing := [s.source for s in _sources(cut) if s.type == "file" and not os.path.isfile(s.source)]:
+            return self._bad("missing_audio", cut.id, f"no such audio file {', '.join(missing)}", problems)
         try:
             audio = cut.load_audio()
         except Exception as e:  # soundfile / ffmpeg / lhotse errors: the message names the reason
+            if why := _rate_mismatch(cut):
+                return self._bad("manifest_sample_rate", cut.id, why, problems)
             # Lhotse's AudioLoadingError lists each backend's failure, then dumps the call's arguments: keep the former
             lines = str(e).split("\n[extra info]")[0].splitlines()
             why = " | ".join(ln.strip() for ln in lines if ln.strip() and not ln.startswith("Set LHOTSE_"))
             return self._bad("unreadable_audio", cut.id, f"cannot read {_files(cut)}: {type(e).__name__}: {why}",
                              problems)
+        if audio.ndim == 2 and audio.shape[0] > 1:
+            self._bad("multi_channel", cut.id, f"{_files(cut)} has {audio.shape[0]} channels", problems)
+            audio = audio.mean(axis=0, keepdims=True)
         expected = self.spec.num_samples(cut.duration)
-        if audio.ndim != 2 or audio.shape[0] != 1 or audio.shape[1] != expected:
+        if audio.ndim != 2 or audio.shape[1] != expected:
             return self._bad("unreadable_audio", cut.id, f"{_files(cut)} gave audio of shape {tuple(audio.shape)}, "
-                             f"expected (1, {expected}) for {cut.duration} s mono", problems)
+                             f"expected (1, {expected}) for {cut.duration} s", problems)
         return audio[0]
 
     # ---- the batch ----
@@ -321,7 +356,7 @@ class JSTIPDataset(torch.utils.data.Dataset):
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             self._worker_ready = True
         epoch = getattr(items, "epoch", self.epoch)
-        problems: Counter[str] = Counter()
+        problems = Problems()
         rows = [r for r in (self._row(it, epoch, problems) for it in items) if r is not None]
         audio = None
         if self.cfg.load_audio:
@@ -347,6 +382,8 @@ class JSTIPDataset(torch.utils.data.Dataset):
             domains=[r.domain for r in rows],
             position=getattr(items, "position", None),
             problems=dict(problems),
+            problems_by_source={k: dict(v) for k, v in problems.by_source.items()},
+            dropped=problems.dropped,
         )
         batch["token_stats"].update(Counter(batch["kinds"]))
         return batch
@@ -395,8 +432,29 @@ def _cat(examples: list[Example], key: str) -> np.ndarray:
     return np.concatenate([getattr(ex, key) for ex in examples] or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
 
 
+def _sources(cut: Cut) -> list:
+    return list(getattr(getattr(cut, "recording", None), "sources", None) or [])
+
+
 def _files(cut: Cut) -> str:
     """The audio file(s) behind a cut, for error messages."""
-    rec = getattr(cut, "recording", None)
-    sources = [str(s.source) for s in getattr(rec, "sources", []) if s.type in ("file", "url", "command")]
+    sources = [str(s.source) for s in _sources(cut) if s.type in ("file", "url", "command")]
     return ", ".join(sources) or f"(recording of cut {cut.id})"
+
+
+def _rate_mismatch(cut: Cut) -> str | None:
+    """Why a cut's audio failed to load when its file's sampling rate is not the manifest's (Lhotse itself then
+    reports a sample-count divergence as its own bug), else None."""
+    rec = cut.recording
+    declared = next((t.source_sampling_rate for t in rec.transforms or [] if hasattr(t, "source_sampling_rate")),
+                    rec.sampling_rate)
+    for s in _sources(cut):
+        try:
+            actual = sf.info(s.source).samplerate if s.type == "file" else None
+        except Exception:  # a format soundfile cannot open: no verdict
+            actual = None
+        if actual is not None and actual != declared:
+            return (f"{s.source} is {actual} Hz, the manifest's recording {rec.id!r} says sampling_rate={declared} "
+                    f"(num_samples={rec.num_samples}, duration={rec.duration}): fix these three fields of the "
+                    f"recording (Recording.from_file reads them from the file)")
+    return None

@@ -25,7 +25,6 @@ a *different* package owning one of our names is an error). Importing this modul
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Any, Iterator
 
@@ -48,6 +47,7 @@ from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, _text, make_cos
 from nemo_jstip.data.examples import ExampleBuilder
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
+from nemo_jstip.data.manifest import ManifestCuts, check_text_file, read_lines
 from nemo_jstip.data.sampler import KIND_KEY, KINDS, InterleavingSampler, Stream
 
 __all__ = ["read_jstip_cuts", "read_jstip_text", "register", "streams_from_input_cfg", "build_dataloader"]
@@ -68,9 +68,14 @@ def read_jstip_cuts(config) -> tuple[CutSet, bool]:
     if kind not in KINDS:
         raise ValueError(f"jstip_cuts needs kind: {' | '.join(KINDS)}, got {kind!r} ({config.get('cuts_path')})")
     paths = expand_sharded_filepaths(config.cuts_path)
-    parts = [CutSet.from_file(p).map(partial(resolve_relative_paths, manifest_path=p)) for p in paths]
+    parts = [_cuts(p).map(partial(resolve_relative_paths, manifest_path=p)) for p in paths]
     cuts = parts[0] if len(parts) == 1 else CutSet(LazyIteratorChain(*parts))
     return cuts.map(partial(_tag, kind=kind)), False
+
+
+def _cuts(path) -> CutSet:
+    """A JSONL manifest through ``ManifestCuts`` (a bad line is an error naming file and line), else Lhotse's reader."""
+    return CutSet(ManifestCuts(path)) if ".jsonl" in str(path) else CutSet.from_file(path)
 
 
 class TextLines:
@@ -78,24 +83,20 @@ class TextLines:
 
     def __init__(self, paths, language: str | None = None):
         """``paths``: a file, a list of files or a sharded pattern (``text_{0..7}.txt``). Every file must exist and
-        hold at least one non-blank line, checked here (when the loader is built), not deep inside the sampler."""
+        hold at least one non-blank line and be UTF-8 throughout, checked here (when the loader is built), not deep
+        inside the sampler; an error names the file and line."""
         paths = OmegaConf.to_container(paths) if OmegaConf.is_config(paths) else paths
         if not paths or not isinstance(paths, (str, list)):
             raise ValueError(f"jstip_text needs paths: a text file or a list of them, got {paths!r}")
         self.paths, self.language = expand_sharded_filepaths(paths), language
         for path in self.paths:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"jstip_text: no such file {path!r} (domain text, one sentence per line)")
-            with open(path, encoding="utf-8") as f:
-                if not any(line.strip() for line in f):
-                    raise ValueError(f"jstip_text: {path!r} is empty (domain text, one sentence per line)")
+            check_text_file(path)
 
     def __iter__(self) -> Iterator[TextExample]:
         for path in self.paths:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line := line.strip():
-                        yield TextExample(line, language=self.language, custom={KIND_KEY: "text"})
+            for _, line in read_lines(path):
+                if line := line.strip():
+                    yield TextExample(line, language=self.language, custom={KIND_KEY: "text"})
 
 
 def read_jstip_text(config) -> tuple[CutSet, bool]:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from collections import Counter
 import random
 from bisect import bisect_left
@@ -68,9 +69,17 @@ from lhotse.serialization import load_manifest_lazy_or_eager
 from lhotse.utils import fastcopy, streaming_shuffle
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_jstip.data.manifest import ManifestCuts, check_text_file, read_lines
+
+log = logging.getLogger(__name__)
+
 KINDS = ("asr", "interleaved", "text")
 KIND_KEY = "jstip_kind"
 COST_KEY = "jstip_cost"
+STREAM_KEY = "jstip_stream"  # the name of the stream an item came from, for per-source bad-input counts
+# the sampler's share of the bad-input table (nemo_jstip.data.dataset.PROBLEMS has the dataset's)
+MAX_DROPPED_IDS, MAX_LOGGED = 100_000, 10
+SAMPLER_PROBLEMS = {"too_long": ("item costlier than sampler.max_item_cost", "dropped by the sampler")}
 
 
 @dataclass
@@ -233,6 +242,11 @@ class InterleavingSampler(CutSampler):
         self._skipped, self._drawn_after = 0, {}
         self._excluded: Counter = Counter()  # items consumed at another DP size in this epoch (see load_state_dict)
         self.real_tokens = self.padded_tokens = 0  # totals over the batches yielded by this object
+        # items this object's pipeline dropped (every DP rank draws all ranks' items, so each counts them all):
+        # code -> count, stream -> code -> count, and the first MAX_DROPPED_IDS item ids -> why
+        self.problems: Counter = Counter()
+        self.problems_by_source: dict[str, Counter] = {}
+        self.dropped: dict[str, str] = {}
 
     # ---- the pipeline: streams -> mixture -> filter -> batches ----
     def _rng(self, *parts) -> random.Random:
@@ -248,9 +262,9 @@ class InterleavingSampler(CutSampler):
             for x in raw:
                 empty = False
                 if s.kind == "text":
-                    item = TextItem(id=x[0], text=x[1], custom={KIND_KEY: "text"})
+                    item = TextItem(id=x[0], text=x[1], custom={KIND_KEY: "text", STREAM_KEY: s.name})
                 else:
-                    item = fastcopy(x, custom={**(x.custom or {}), KIND_KEY: s.kind})
+                    item = fastcopy(x, custom={**(x.custom or {}), KIND_KEY: s.kind, STREAM_KEY: s.name})
                 item.custom[COST_KEY] = int(self.cost_fn(item))
                 yield item
             if not s.repeat or empty:
@@ -263,6 +277,19 @@ class InterleavingSampler(CutSampler):
         seed = self._rng("mux").randrange(2**31)
         weights = [s.weight for s in self.streams]
         return iter(LazyIteratorMultiplexer(*streams, weights=weights, seed=seed, stop_early=True))
+
+    def _keep(self, item) -> bool:
+        if item_cost(item) <= self.max_item_cost:
+            return self._filter_fn(item)
+        why = f"{item_kind(item)} item of {item_cost(item)} tokens > sampler.max_item_cost={self.max_item_cost}"
+        self.problems["too_long"] += 1
+        self.problems_by_source.setdefault(item.custom.get(STREAM_KEY, "?"), Counter())["too_long"] += 1
+        if len(self.dropped) < MAX_DROPPED_IDS:
+            self.dropped[item.id] = f"too_long: {why}"
+        if self.problems["too_long"] <= MAX_LOGGED:
+            more = " (further ones are only counted: sampler.problems)" if self.problems["too_long"] == MAX_LOGGED else ""
+            log.warning("%s: %s -> dropped [too_long]%s", item.id, why, more)
+        return False
 
     def _estimate_edges(self, num_buckets: int, num_items: int) -> list[int]:
         # from epoch 0's mixture (self.epoch is 0 here), so the edges follow the weights
@@ -282,7 +309,7 @@ class InterleavingSampler(CutSampler):
         left = Counter(self._excluded)
         items = Filter(
             ((it,) for it in self._mixture() if not _take(left, _key(it))),  # 1-tuples, as Lhotse's batchers and diagnostics expect
-            predicate=lambda t: item_cost(t[0]) <= self.max_item_cost and self._filter_fn(t[0]),
+            predicate=lambda t: self._keep(t[0]),
             diagnostics=self.diagnostics,
         )
         constraint = PaddedTokenConstraint(self.max_tokens, self.edges, self.max_batch_size)
@@ -414,16 +441,17 @@ class InterleavingSampler(CutSampler):
 
 def _open_source(s: Stream):
     if s.kind == "text":
+        if isinstance(s.source, (str, Path)):
+            check_text_file(s.source)  # now, not mid-epoch: non-UTF-8 bytes or an empty file name file and line
         return s.source  # a path (read on each pass) or a re-iterable of strings
     if isinstance(s.source, (str, Path)):
-        return load_manifest_lazy_or_eager(s.source, CutSet)
+        return CutSet(ManifestCuts(s.source)) if ".jsonl" in str(s.source) else load_manifest_lazy_or_eager(s.source, CutSet)
     return s.source
 
 
 def _text_lines(name: str, source) -> Iterator[tuple[str, str]]:
     if isinstance(source, (str, Path)):
-        with open(source, encoding="utf-8") as f:
-            yield from ((f"{name}:{i}", line.strip()) for i, line in enumerate(f) if line.strip())
+        yield from ((f"{name}:{i - 1}", line.strip()) for i, line in read_lines(source) if line.strip())
     else:
         yield from ((f"{name}:{i}", text) for i, text in enumerate(source) if text.strip())
 

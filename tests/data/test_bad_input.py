@@ -15,7 +15,7 @@ from nemo_jstip.data.dataset import PROBLEMS, BadInputError, DatasetConfig, JSTI
 from nemo_jstip.data.examples import ExampleBuilder, add_special_tokens
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
-from nemo_jstip.data.sampler import COST_KEY, KIND_KEY, TextItem
+from nemo_jstip.data.sampler import COST_KEY, KIND_KEY, SAMPLER_PROBLEMS, STREAM_KEY, TextItem
 
 SPEC = FrameSpec()
 DOCS = Path(__file__).parents[2] / "docs" / "data.md"
@@ -74,6 +74,23 @@ def resampled_copy(cut, tmp):
     return fastcopy(cut, recording=Recording.from_file(path, recording_id=cut.recording.id))
 
 
+def wrong_rate_in_manifest(cut, tmp):
+    """The file is 22.05 kHz, the manifest's recording still says 16 kHz (a manifest written by hand)."""
+    path = tmp / "22k_as_16k.flac"
+    sf.write(path, cut.resample(22050).load_audio()[0], 22050)
+    rec = cut.recording
+    return fastcopy(cut, recording=fastcopy(rec, sources=[fastcopy(rec.sources[0], source=str(path))]))
+
+
+def stereo_copy(cut, tmp):
+    """A two-channel file (the second channel at half level) read as a MultiCut, as Lhotse makes one for stereo."""
+    path = tmp / "stereo.flac"
+    mono = cut.load_audio()[0]
+    sf.write(path, np.stack([mono, 0.5 * mono], axis=1), cut.sampling_rate)
+    multi = Recording.from_file(path, recording_id=cut.recording.id).to_cut()
+    return fastcopy(multi, id=cut.id, supervisions=cut.supervisions)
+
+
 def word_level_tokenizer(words):
     """A non-byte-level tokenizer with an unknown token: words outside ``words`` become [UNK]."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -119,7 +136,11 @@ CASES = {
         "empty_transcript", lambda c, t: tag(with_sup(c, text=""), "interleaved"), "dropped"),
     "empty_text_line": Case("empty_transcript", lambda c, t: TextItem("domain:7", "  ", {KIND_KEY: "text"}), "dropped"),
     "too_short": Case("audio_too_short", lambda c, t: tag(c.truncate(duration=0.005), "asr"), "dropped"),
-    "missing_file": Case("unreadable_audio", lambda c, t: tag(missing_file(c, t), "asr"), "dropped", in_message="missing.flac"),
+    "missing_file": Case("missing_audio", lambda c, t: tag(missing_file(c, t), "asr"), "dropped", in_message="missing.flac"),
+    "manifest_sample_rate": Case("manifest_sample_rate", lambda c, t: tag(wrong_rate_in_manifest(c, t), "asr"),
+                                 "dropped", in_message="22k_as_16k.flac is 22050 Hz, the manifest's recording"),
+    "stereo": Case("multi_channel", lambda c, t: tag(stereo_copy(c, t), "interleaved"), "downmixed",
+                   in_message="stereo.flac has 2 channels"),
     "corrupt_file": Case("unreadable_audio", lambda c, t: tag(corrupt_file(c, t), "interleaved"), "dropped",
                          in_message="corrupt.flac"),
     "sample_rate": Case("sample_rate", lambda c, t: tag(resampled_copy(c, t), "interleaved"), "resampled",
@@ -142,7 +163,7 @@ def make_dataset(case: Case, cuts, tokenizer, strict: bool) -> JSTIPDataset:
 
 
 def test_every_problem_has_a_case_and_a_docs_row():
-    assert {c.code for c in CASES.values()} == set(PROBLEMS)
+    assert {c.code for c in CASES.values()} | set(SAMPLER_PROBLEMS) == set(PROBLEMS)
     section = DOCS.read_text().split("## Bad input")[1].split("\n## ")[0]
     rows = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
     assert set(rows) == set(PROBLEMS)
@@ -152,6 +173,7 @@ def test_every_problem_has_a_case_and_a_docs_row():
 def test_lenient(name, corpus_cuts, jstip_tokenizer, tmp_path, caplog):
     case, (good, other) = CASES[name], corpus_cuts
     bad = case.make(other, tmp_path)
+    bad.custom[STREAM_KEY] = "src"
     dataset = make_dataset(case, corpus_cuts, jstip_tokenizer, strict=False)
     with caplog.at_level(logging.WARNING, logger="nemo_jstip.data.dataset"):
         batch = dataset[[tag(good, "asr"), bad]]
@@ -160,19 +182,25 @@ def test_lenient(name, corpus_cuts, jstip_tokenizer, tmp_path, caplog):
     logged = [r for r in caplog.records if bad.id in r.getMessage()]
     assert len(logged) == 1 and case.code in logged[0].getMessage()
 
+    assert batch["problems_by_source"] == {"src": {case.code: 1}}
     B = len(batch["cut_ids"])
     assert batch["input_ids"].shape[0] == B and batch["audio"].shape[0] == len(batch["audio_lens"])
     if case.lenient == "dropped":
         assert batch["cut_ids"] == [good.id] and batch["audio"].shape[0] == 1
+        assert list(batch["dropped"]) == [bad.id] and batch["dropped"][bad.id].startswith(f"{case.code}: ")
+        assert case.in_message in batch["dropped"][bad.id]
         return
+    assert batch["dropped"] == {}
     assert batch["cut_ids"] == [good.id, bad.id] and batch["audio"].shape[0] == 2
     n = SPEC.num_samples(bad.duration)
     assert batch["audio_lens"][1] == n and batch["audio_num_frames"][1] == SPEC.num_frames(n)
     assert batch["kinds"][1] == ("asr" if case.lenient == "asr" else bad.custom[KIND_KEY])
-    if case.lenient == "resampled":  # the 22.05 kHz copy, back at 16 kHz, is the original audio
+    if case.lenient in ("resampled", "downmixed"):  # the 22.05 kHz copy at 16 kHz / the channel mean: the original
         orig = other.load_audio()[0]
         assert np.corrcoef(batch["audio"][1, :n].numpy(), orig)[0, 1] > 0.99
         assert batch["kinds"][1] == "interleaved"
+    if case.lenient == "downmixed":
+        assert np.abs(batch["audio"][1, :n].numpy() - 0.75 * orig).max() < 1e-3
 
 
 @pytest.mark.parametrize("name", CASES)

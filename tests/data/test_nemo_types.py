@@ -128,19 +128,21 @@ def test_extra_input_cfg_appends_a_stream_read_by_nemos_txt_jsonl(tiny_corpus, j
     assert texts and set(texts) <= set(qa)
 
 
-def test_jstip_text_takes_a_file_or_a_list_and_names_missing_or_empty_files(tmp_path):
-    a, b, blank = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "blank.txt"
+def test_jstip_text_takes_a_file_or_a_list_and_names_missing_empty_or_non_utf8_files(tmp_path):
+    a, b, blank, latin = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "blank.txt", tmp_path / "latin1.txt"
     a.write_text("first sentence\n\n  second sentence  \n")
     b.write_text("third\n")
     blank.write_text("\n  \n")
+    latin.write_bytes("caf\u00e9 ok\nna\u00efve patient\n".encode("utf-8") + "r\u00e9sum\u00e9\n".encode("latin-1"))
 
     def read(paths):
         return [x.text for x in nemo_types.read_jstip_text(OmegaConf.create({"paths": paths}))[0]]
 
     assert read(str(a)) == ["first sentence", "second sentence"]
     assert read([str(a), str(b)]) == ["first sentence", "second sentence", "third"]
-    for paths, error, match in [(str(tmp_path / "nope.txt"), FileNotFoundError, "no such file .*nope.txt"),
-                                ([str(a), str(blank)], ValueError, "blank.txt' is empty"),
+    for paths, error, match in [(str(tmp_path / "nope.txt"), FileNotFoundError, "nope.txt: no such file"),
+                                ([str(a), str(blank)], ValueError, "blank.txt: empty"),
+                                ([str(a), str(latin)], ValueError, r"latin1.txt:3: not UTF-8 text \(byte b'\\xe9' at column 2\)"),
                                 (None, ValueError, "needs paths"), ([], ValueError, "needs paths")]:
         with pytest.raises(error, match=match):
             nemo_types.read_jstip_text(OmegaConf.create({"paths": paths}))

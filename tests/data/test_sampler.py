@@ -217,3 +217,21 @@ def test_resume_at_another_data_parallel_size(cuts, texts):
     back.load_state_dict(two[1].state_dict())
     seen.update(k for b in back for k in keys(b))
     assert seen == epoch and max(epoch.values()) == 1
+
+
+def test_too_long_items_are_counted_and_named(cuts, texts, caplog):
+    limit = 100
+    s = sampler([Stream(cuts, "asr", 1.0, name="long_cuts"), Stream(texts, "text", 0.5, repeat=True)],
+                num_buckets=1, max_item_cost=limit)
+    too_long = {c.id for c in cuts if int(c.duration * 12.5) + len(c.supervisions[0].text.split()) > limit}
+    assert 10 < len(too_long) < len(cuts)
+    with caplog.at_level("WARNING", logger="nemo_jstip.data.sampler"):
+        drawn = {it.id for batch in s for it in batch}
+    assert not drawn & too_long
+    assert s.problems == {"too_long": len(too_long)} and s.problems_by_source == {"long_cuts": {"too_long": len(too_long)}}
+    assert set(s.dropped) == too_long
+    assert all(f"> sampler.max_item_cost={limit}" in why and why.startswith("too_long: asr item of ")
+               for why in s.dropped.values())
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 10 and "further ones are only counted" in logged[-1]
+    assert all("[too_long]" in m and f"max_item_cost={limit}" in m for m in logged)
