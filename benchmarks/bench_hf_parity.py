@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_jstip.modules.hf_import import load_hf_weights
+from nemo_jstip.modules.hf_import import llm_config_from_hf, load_hf_weights
 from nemo_jstip.modules.llm import LLMConfig, build_llm, gather_logits
 from nemo_jstip.parallel.dist import init_parallel, spawn
 
@@ -59,7 +59,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     load_s = time.perf_counter() - t0
     ids = tok(PROMPT, return_tensors="pt").input_ids[:, : args.seq]
-    cfg = LLMConfig.from_hf(hf.config, layer_spec="local", params_dtype="float32")
+    cfg = llm_config_from_hf(hf.config, layer_spec="local", params_dtype="float32")
     n_params = sum(p.numel() for p in hf.parameters())
     with torch.no_grad():
         t0 = time.perf_counter()

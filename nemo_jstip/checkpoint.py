@@ -1,9 +1,18 @@
 """The .nemo format of JSTIPModel, and the one reader of .nemo files (JSTIP models and NeMo ASR models).
 
-Layout of the tar: ``model_config.yaml``, the tokenizer artifacts, ``model_weights/`` (``dist_checkpointing``
-``torch_dist`` format: keys are layout-independent, e.g. global layer numbers, so a checkpoint saved at TP=2 x PP=2
-loads at TP=1 and back). Every rank writes its own shards, rank 0 packs them, and the .nemo appears by an atomic
-rename: a killed save leaves no file that looks valid.
+Layout of the tar (NeMo's for Megatron models): ``model_config.yaml``, the tokenizer artifacts, ``model_weights/``
+(``dist_checkpointing`` ``torch_dist`` format: keys are layout-independent, e.g. global layer numbers, so a checkpoint
+saved at TP=2 x PP=2 loads at TP=1 and back), and ``model_weights.ckpt``, an empty state dict. Every rank writes its
+own shards, rank 0 packs them, and the .nemo appears by an atomic rename: a killed save leaves no file that looks valid.
+
+Two loaders reach this connector: ``JSTIPModel.restore_from`` directly, and NeMo's generic ``ModelPT.restore_from``
+through the class named by ``target``. NeMo's ``SaveRestoreConnector`` (3.0) knows only ``model_weights.ckpt``: it
+extracts the file, builds ``target`` from the raw config and then loads that state dict. ``JSTIPModel.__init__``,
+the first plugin code it runs, sees that a restore is under way that is not this connector's, and reads the file
+again from its path through :func:`vetted_nemo`, builds from the vetted config and loads ``model_weights/``; the
+empty ``model_weights.ckpt`` NeMo then loads changes nothing. Every refusal below is a ``NemoCheckpointError``, which
+is also NeMo's ``UnsafeTargetError``: the one error ``Serialization.from_config_dict`` passes on from a model's
+constructor instead of retrying with the calling class.
 
 Loading a stranger's .nemo (docs/training.md lists the guarantees):
 
@@ -36,7 +45,9 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from nemo.core.classes.common import UnsafeTargetError
 from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+from nemo.utils.app_state import AppState
 from nemo.utils.model_utils import import_class_by_path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.distributed.checkpoint import filesystem as dcp_fs
@@ -47,13 +58,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from nemo_jstip.parallel.checkpoint import save_shards
 
 WEIGHTS = "model_weights"
+EMPTY_CKPT = "model_weights.ckpt"  # what NeMo's generic loader reads; here an empty state dict
 # Limits of extract_nemo, checked on the member headers before anything is written.
 MAX_MEMBERS = 10_000
 MAX_MEMBER_BYTES = 256 * 2**30
 MAX_TOTAL_BYTES = 1024 * 2**30
 
 
-class NemoCheckpointError(ValueError):
+class NemoCheckpointError(UnsafeTargetError):  # a ValueError; see the module docstring for NeMo's
     """A .nemo that cannot be used: unsafe, incomplete, or not fitting the model."""
 
 
@@ -341,6 +353,52 @@ def _check_target(target, calling_cls, member) -> None:
 
 
 # ------------------------------------------------------------------ .nemo
+_VETTING: list[str] = []  # folders of the restores under way through vetted_nemo (innermost last)
+
+
+def vetted_restore_under_way() -> bool:
+    """Whether the model being built is restored through :func:`vetted_nemo` (not by NeMo's generic loader)."""
+    return bool(_VETTING) and AppState().nemo_file_folder == _VETTING[-1]
+
+
+@contextlib.contextmanager
+def vetted_nemo(restore_path, calling_cls, override_config=None, config_only: bool = False):
+    """Extract the .nemo at ``restore_path`` into a fresh folder and check it; yields (folder, config made safe to
+    build from). Unless ``config_only``, the weights are vetted too and NeMo's model-restore state points at the
+    folder (artifacts resolve there) until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="jstip_nemo_") as tmp, _naming(restore_path):
+        folder = Path(tmp)
+        extract_nemo(restore_path, folder)
+        conf = override_config if override_config is not None else folder / "model_config.yaml"
+        if isinstance(conf, (str, Path)) and not Path(conf).is_file():
+            raise NemoCheckpointError(f"{restore_path}: no model_config.yaml")
+        conf = OmegaConf.load(conf) if isinstance(conf, (str, Path)) else conf
+        conf = _restored_config(conf.model if "model" in conf else conf, folder, calling_cls)
+        if config_only:
+            yield folder, conf
+            return
+        _vet_weights(folder / WEIGHTS)
+        if (folder / EMPTY_CKPT).exists() and read_weights_only(folder / EMPTY_CKPT, EMPTY_CKPT) != {}:
+            raise _refuse(EMPTY_CKPT, f"not an empty state dict (the weights of a JSTIP .nemo are in {WEIGHTS}/)")
+        app, before = AppState(), (AppState().is_model_being_restored, AppState().nemo_file_folder)
+        _VETTING.append(tmp)
+        calling_cls._set_model_restore_state(is_being_restored=True, folder=tmp)
+        try:
+            yield folder, conf
+        finally:
+            _VETTING.pop()
+            app.is_model_being_restored, app.nemo_file_folder = before
+
+
+def load_restored_weights(model, folder: Path, restore_path, strict: bool = True) -> None:
+    """The weights of a .nemo ``vetted_nemo`` extracted to ``folder``: now, or (a model whose stage the trainer
+    builds later, in ``configure_model``) from ``restore_path`` then."""
+    if model.stage is None:
+        model.init_from_nemo = str(Path(restore_path).resolve())
+    else:
+        _load_vetted(model, folder / WEIGHTS, strict)
+
+
 class JSTIPSaveRestoreConnector(SaveRestoreConnector):
     """NeMo's .nemo save/restore with distributed-checkpoint weights and vetted loading (see module docstring)."""
 
@@ -354,6 +412,7 @@ class JSTIPSaveRestoreConnector(SaveRestoreConnector):
             if model.has_native_or_submodules_artifacts():
                 self._handle_artifacts(model, nemo_file_folder=str(staging))
                 self._update_artifact_paths(model, path2yaml_file=str(config_yaml))
+            torch.save({}, staging / EMPTY_CKPT)
             partial = save_path.with_name(f".{save_path.name}.partial")
             with open(partial, "wb") as f:
                 with tarfile.open(fileobj=f, mode="w:") as tar:
@@ -367,24 +426,9 @@ class JSTIPSaveRestoreConnector(SaveRestoreConnector):
 
     def restore_from(self, calling_cls, restore_path: str, override_config_path=None, map_location=None,
                      strict: bool = True, return_config: bool = False, trainer=None, validate_access_integrity=True):
-        with tempfile.TemporaryDirectory(prefix="jstip_nemo_") as tmp, _naming(restore_path):
-            folder = Path(tmp)
-            extract_nemo(restore_path, folder)
-            conf = override_config_path if override_config_path is not None else folder / self.model_config_yaml
-            if isinstance(conf, (str, Path)) and not Path(conf).is_file():
-                raise NemoCheckpointError(f"{restore_path}: no {self.model_config_yaml}")
-            conf = OmegaConf.load(conf) if isinstance(conf, (str, Path)) else conf
-            conf = _restored_config(conf.model if "model" in conf else conf, folder, calling_cls)
+        with vetted_nemo(restore_path, calling_cls, override_config_path, config_only=return_config) as (folder, conf):
             if return_config:
                 return conf
-            _vet_weights(folder / WEIGHTS)
-            calling_cls._set_model_restore_state(is_being_restored=True, folder=tmp)
-            try:
-                instance = calling_cls.from_config_dict(config=conf, trainer=trainer)
-            finally:
-                calling_cls._set_model_restore_state(is_being_restored=False)
-            if instance.stage is None:  # built later by the trainer (configure_model): load then
-                instance.init_from_nemo = str(Path(restore_path).resolve())
-            else:
-                _load_vetted(instance, folder / WEIGHTS, strict)
+            instance = calling_cls.from_config_dict(config=conf, trainer=trainer)
+            load_restored_weights(instance, folder, restore_path, strict)
         return instance

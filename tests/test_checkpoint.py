@@ -1,6 +1,6 @@
 """A stranger's .nemo runs no code and touches nothing outside its extraction folder, through every entry point
-that reads one: ``JSTIPModel.restore_from``, ``load_nemo_weights`` (``model.init_from_nemo``) and the ASR path
-(``SpeechPerception.config_from_nemo`` / ``load_encoder_from_nemo``).
+that reads one: ``JSTIPModel.restore_from``, NeMo's generic ``ModelPT.restore_from``, ``load_nemo_weights``
+(``model.init_from_nemo``) and the ASR path (``SpeechPerception.config_from_nemo`` / ``load_encoder_from_nemo``).
 
 Each attack is a real saved model with one change. A refusal must be an ``UnsafeCheckpointError`` naming the file,
 the member and the reason, while no payload ran (its marker file stays absent) and nothing under the test's folder
@@ -21,6 +21,9 @@ import torch
 import yaml
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from nemo.core.classes import ModelPT
+from nemo.core.classes.common import UnsafeTargetError
 
 from nemo_jstip import checkpoint
 from nemo_jstip.checkpoint import UnsafeCheckpointError, load_nemo_weights
@@ -189,6 +192,19 @@ def _restore(name):
     JSTIPModel.restore_from(name)
 
 
+def _generic(name):
+    """NeMo's own loader: it extracts the file itself, then JSTIPModel (the config's target) reads it again."""
+    ModelPT.restore_from(name)
+
+
+RESTORES = {"restore_from": _restore, "generic": _generic}
+# Refused by NeMo's generic loader itself, before any plugin code runs: its tar extraction (tarfile's "data" filter
+# refuses devices; headers whose data is not in the file) and its target allow-list (NeMo's UnsafeTargetError)
+NEMO_REFUSES = {"device": tarfile.TarError, "claims_more": tarfile.TarError, "huge_member": tarfile.TarError,
+                "target": UnsafeTargetError, "cls_params": UnsafeTargetError,
+                "duplicate": UnsafeTargetError}  # NeMo extracts the last of two model_config.yaml: target os.system
+
+
 class _Untouchable:
     """A model that fails any use: a refusal must come before the loader touches the model."""
 
@@ -203,14 +219,17 @@ def _init_from(name):
 @pytest.fixture
 def refused(tmp_path, monkeypatch):
     """``refused(nemo, *expected, load=...)``: load ``nemo`` from its own folder (cwd) and check the refusal."""
-    def run(nemo: Path, *expected, load=_restore):
+    def run(nemo: Path, *expected, load=_restore, nemo_refuses=None):
+        """``nemo_refuses``: the error NeMo's generic loader refuses with before the plugin sees the file."""
         monkeypatch.chdir(nemo.parent)
-        with watching(tmp_path, allowed=[nemo]) as touched, pytest.raises(UnsafeCheckpointError) as err:
+        error = nemo_refuses if load is _generic and nemo_refuses else UnsafeCheckpointError
+        with watching(tmp_path, allowed=[nemo]) as touched, pytest.raises(error) as err:
             load(nemo.name)
         msg = str(err.value)
         assert not list(tmp_path.rglob("PWNED*")), "the payload ran"
         assert not touched, f"touched outside the extraction folder: {touched}"
-        assert nemo.name in msg and all(e in msg for e in expected), msg
+        if error is UnsafeCheckpointError:
+            assert nemo.name in msg and all(e in msg for e in expected), msg
         return msg
     return run
 
@@ -227,7 +246,7 @@ def marker(tmp_path):
 
 
 # ------------------------------------------------------------------ every pickle, both JSTIP entry points
-@pytest.mark.parametrize("load", [_restore, _init_from], ids=["restore_from", "init_from_nemo"])
+@pytest.mark.parametrize("load", [_restore, _generic, _init_from], ids=["restore_from", "generic", "init_from_nemo"])
 def test_a_payload_in_any_pickle_is_refused(good_nemo, bad, marker, refused, load):
     slots = pickle_slots(good_nemo)
     assert len(slots) > 2 and any(s[3] == "common_state/shard_0_1" for s in slots)
@@ -275,7 +294,7 @@ METADATA_EDITS = {  # a well-formed Metadata pointing somewhere it must not
 }
 
 
-@pytest.mark.parametrize("load", [_restore, _init_from], ids=["restore_from", "init_from_nemo"])
+@pytest.mark.parametrize("load", [_restore, _generic, _init_from], ids=["restore_from", "generic", "init_from_nemo"])
 @pytest.mark.parametrize("attack", [*WEIGHT_ATTACKS, *METADATA_EDITS])
 def test_weights_attack_is_refused(good_nemo, bad, marker, refused, attack, load):
     if attack in WEIGHT_ATTACKS:
@@ -286,6 +305,18 @@ def test_weights_attack_is_refused(good_nemo, bad, marker, refused, attack, load
         _rewrite(good_nemo, bad, _metadata_edit(good_nemo, change))
         expected = (META, reason)
     refused(bad, *expected, load=load)
+
+
+@pytest.mark.parametrize("load", RESTORES.values(), ids=RESTORES)
+def test_model_weights_ckpt_is_empty(good_nemo, bad, marker, refused, load):
+    """NeMo's generic loader torch.load-s ``model_weights.ckpt`` (weights-only unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
+    and loads it: the plugin refuses any but an empty state dict before that."""
+    _rewrite(good_nemo, bad, {"model_weights.ckpt": torch_payload(marker, 2000)})
+    refused(bad, "model_weights.ckpt", "not weights-only data", load=load)
+    buf = io.BytesIO()
+    torch.save({"stage.gpt.embedding.word_embeddings.weight": torch.zeros(2, 2)}, buf)
+    _rewrite(good_nemo, bad, {"model_weights.ckpt": buf.getvalue()})
+    refused(bad, "model_weights.ckpt", "not an empty state dict", load=load)
 
 
 def test_state_set_on_a_class_is_refused(good_nemo, bad, refused):
@@ -322,8 +353,12 @@ CONFIG_ATTACKS = {
 }
 
 
-@pytest.mark.parametrize("attack", [*CONFIG_ATTACKS, "artifact_dotdot", "artifact_absolute"])
-def test_config_attack_is_refused(good_nemo, bad, refused, tmp_path, attack):
+# A top-level ``_target_`` is instantiated by NeMo's generic loader itself (``Serialization.from_config_dict``,
+# allow-listed megatron.core callables included) before any model class is looked at: no plugin can refuse it
+# there, so that attack is checked on JSTIPModel.restore_from only.
+@pytest.mark.parametrize("attack,load", [(a, load) for a in [*CONFIG_ATTACKS, "artifact_dotdot", "artifact_absolute"]
+                                         for load in RESTORES.values() if (a, load) != ("top_level_target", _generic)])
+def test_config_attack_is_refused(good_nemo, bad, refused, tmp_path, attack, load):
     if attack in CONFIG_ATTACKS:
         changes, reason = CONFIG_ATTACKS[attack]
         _with_config(good_nemo, bad, **changes)
@@ -332,16 +367,17 @@ def test_config_attack_is_refused(good_nemo, bad, refused, tmp_path, attack):
         value = "nemo:../../outside/tokenizer_config.json" if attack == "artifact_dotdot" else str(planted)
         _with_config(good_nemo, bad, tokenizer__tokenizer_config=value)
         reason = f"artifact tokenizer.tokenizer_config={value!r} is not a file of this .nemo"
-    refused(bad, "model_config.yaml", reason)
+    refused(bad, "model_config.yaml", reason, load=load, nemo_refuses=NEMO_REFUSES.get(attack))
 
 
-def test_tokenizer_naming_outside_files_is_refused(good_nemo, bad, refused, tmp_path):
+@pytest.mark.parametrize("load", RESTORES.values(), ids=RESTORES)
+def test_tokenizer_naming_outside_files_is_refused(good_nemo, bad, refused, tmp_path, load):
     """transformers would open the tokenizer file a tokenizer_config.json names, wherever it is."""
     name = next(n for n in _members(good_nemo) if n.endswith("_tokenizer_config.json"))
     tok = json.loads(_members(good_nemo)[name])
     tok["tokenizer_file"] = str(_plant_tokenizer_config(good_nemo, tmp_path / "outside"))
     _rewrite(good_nemo, bad, {name: json.dumps(tok).encode()})
-    refused(bad, name, "keys ['tokenizer_file'] name files or code outside the .nemo")
+    refused(bad, name, "keys ['tokenizer_file'] name files or code outside the .nemo", load=load)
 
 
 def test_restored_config_is_cleared(good_nemo, bad, tmp_path, monkeypatch):
@@ -429,15 +465,15 @@ def _tar_attack(src: Path, dst: Path, attack: str, tmp_path: Path) -> None:
     _rewrite(src, dst, extra=extra)
 
 
-@pytest.mark.parametrize("load", [_restore, _init_from, _asr_config, _asr_weights],
-                         ids=["restore_from", "init_from_nemo", "asr_config", "asr_weights"])
+@pytest.mark.parametrize("load", [_restore, _generic, _init_from, _asr_config, _asr_weights],
+                         ids=["restore_from", "generic", "init_from_nemo", "asr_config", "asr_weights"])
 @pytest.mark.parametrize("attack", TAR_ATTACKS)
 def test_archive_attack_is_refused(good_nemo, asr_nemo, bad, refused, tmp_path, monkeypatch, attack, load):
     src = asr_nemo if load in (_asr_config, _asr_weights) else good_nemo
     _tar_attack(src, bad, attack, tmp_path)
     if attack == "total":
         monkeypatch.setattr(checkpoint, "MAX_TOTAL_BYTES", 1000)
-    refused(bad, TAR_ATTACKS[attack], load=load)
+    refused(bad, TAR_ATTACKS[attack], load=load, nemo_refuses=NEMO_REFUSES.get(attack))
     assert not list(tmp_path.rglob("escaped.txt")) and not Path("/tmp/escaped.txt").exists()
 
 

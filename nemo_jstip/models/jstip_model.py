@@ -8,6 +8,10 @@ over ``num_microbatches`` loader batches, loss reduction) is the engine's: ``par
 
 Modules are built in ``configure_model`` (Lightning calls it once the strategy has set up Megatron's parallel
 state); without a trainer they are built at once in a single-process parallel state.
+
+Pretrained parts define themselves: ``llm.init_from_hf`` gives the LLM's shape and the tokenizer,
+``perception.init_from_nemo`` the preprocessor and encoder; the config the model keeps (and saves) holds what they
+gave, so a restored model needs neither file.
 """
 
 from __future__ import annotations
@@ -21,23 +25,29 @@ from lightning.pytorch import Trainer
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from nemo.core.classes import ModelPT
-from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
 from nemo.utils import logging
+from nemo.utils.app_state import AppState
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoTokenizer
 
-from nemo_jstip.checkpoint import JSTIPSaveRestoreConnector, load_nemo_weights
+from nemo_jstip.checkpoint import (
+    JSTIPSaveRestoreConnector,
+    NemoCheckpointError,
+    load_nemo_weights,
+    load_restored_weights,
+    vetted_nemo,
+    vetted_restore_under_way,
+)
 from nemo_jstip.data.examples import add_special_tokens
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
-from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss
+from nemo_jstip.modules.hf_import import llm_section, load_hf_weights, read_hf_weights
+from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss, transformer_config
 from nemo_jstip.modules.perception import SpeechPerception
 from nemo_jstip.parallel.dist import compute_device, init_parallel
 from nemo_jstip.parallel.engine import EngineConfig, MegatronEngine
 from nemo_jstip.parallel.layout import ParallelLayout
 
-if "nemo_jstip." not in ALLOWED_TARGET_PREFIXES:  # NeMo instantiates only allow-listed `_target_`s
-    ALLOWED_TARGET_PREFIXES.append("nemo_jstip.")
 _TOKENIZER_FILES = {"tokenizer_json": "tokenizer.json", "tokenizer_config": "tokenizer_config.json"}
 
 
@@ -87,10 +97,27 @@ class JSTIPModel(ModelPT):
     """The JSTIP speech-LLM as a NeMo model (config sections: tokenizer, perception, llm, interleave, optim, data)."""
 
     def __init__(self, cfg: DictConfig, trainer: Trainer | None = None):
+        self._weights_restored = False
+        if self._is_model_being_restored() and not vetted_restore_under_way():
+            # NeMo's generic loader (ModelPT.restore_from) with the file's unchecked config: read the file again,
+            # through the vetted reader (nemo_jstip/checkpoint.py)
+            path = AppState().model_restore_path
+            if not path:
+                raise NemoCheckpointError("restoring a JSTIPModel without AppState().model_restore_path: use "
+                                          "ModelPT.restore_from or JSTIPModel.restore_from")
+            with vetted_nemo(path, type(self)) as (folder, cfg):
+                self._build(cfg, trainer)
+                load_restored_weights(self, folder, path)
+            self._weights_restored = True  # what NeMo loads next is the empty model_weights.ckpt
+            return
+        self._build(cfg, trainer)
+
+    def _build(self, cfg: DictConfig, trainer: Trainer | None) -> None:
         with open_dict(cfg):  # loaders need the data-parallel rank: built in setup(), not by ModelPT.__init__
             for key in ("train_ds", "validation_ds", "test_ds"):
                 if cfg.get(key) is not None:
                     cfg[key]["defer_setup"] = True
+            self._derive_pretrained(cfg)
         super().__init__(cfg=cfg, trainer=trainer)
         self.stage: JSTIPStage | None = None
         self.automatic_optimization = False
@@ -111,6 +138,19 @@ class JSTIPModel(ModelPT):
             self.configure_model()
 
     # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _derive_pretrained(cfg: DictConfig) -> None:
+        """Fill ``cfg`` (open) with what the pretrained files define: the LLM section from ``llm.init_from_hf``
+        (and the tokenizer from that folder unless ``tokenizer.path`` names one), the preprocessor and encoder
+        from ``perception.init_from_nemo``; the adapter's ``output_size`` defaults to the LLM's hidden size."""
+        cfg.llm = llm_section(OmegaConf.to_container(cfg.llm, resolve=True))
+        if cfg.llm.get("init_from_hf") and not (cfg.get("tokenizer") or {}).get("path"):
+            cfg.tokenizer = {**OmegaConf.to_container(cfg.get("tokenizer") or {}), "path": cfg.llm.init_from_hf}
+        perception = SpeechPerception.resolve_config(cfg.perception)
+        if perception.adapter.get("output_size") is None:
+            perception.adapter.output_size = cfg.llm.hidden_size
+        cfg.perception = perception
+
     def _load_tokenizer(self):
         """The LLM's HF tokenizer; its two files travel inside the .nemo as artifacts."""
         tok = self.cfg.tokenizer
@@ -138,8 +178,6 @@ class JSTIPModel(ModelPT):
         """Pretrained parts from the config: the LLM from HF weights, the encoder from a NeMo ASR .nemo, then
         (overriding both) a whole JSTIP .nemo, e.g. for a fine-tuning stage (restore_from clears all three)."""
         if self.init_from_hf:
-            from nemo_jstip.modules.hf_import import load_hf_weights, read_hf_weights
-
             load_hf_weights(self.stage.gpt, read_hf_weights(self.init_from_hf), self.llm_cfg)
         asr_nemo = self.cfg.perception.get("init_from_nemo")
         if asr_nemo and self.stage.perception is not None:
@@ -159,8 +197,6 @@ class JSTIPModel(ModelPT):
         return sd
 
     def _transformer_config(self):
-        from nemo_jstip.modules.llm import transformer_config
-
         # token budgets give every microbatch its own shape; the pipeline p2p then exchanges shapes first
         return transformer_config(
             self.llm_cfg, calculate_per_token_loss=True, variable_seq_lengths=True, moe_token_dispatcher_type="alltoall"
@@ -296,7 +332,18 @@ class JSTIPModel(ModelPT):
     # ------------------------------------------------------------------ checkpoints
     def save_to(self, save_path: str):
         """Write a .nemo; all ranks call it (each writes its shards; see nemo_jstip/checkpoint.py)."""
-        return self._save_restore_connector.save_to(self, str(save_path))
+        connector = self._save_restore_connector  # NeMo's generic restore leaves its own connector here
+        if not isinstance(connector, JSTIPSaveRestoreConnector):
+            connector = self._save_restore_connector = JSTIPSaveRestoreConnector()
+        return connector.save_to(self, str(save_path))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As torch's; the empty ``model_weights.ckpt`` NeMo's generic restore loads after ``__init__`` has loaded
+        the .nemo's ``model_weights/`` changes nothing."""
+        if self._weights_restored and not state_dict:
+            self._weights_restored = False
+            return torch.nn.modules.module._IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod
     def restore_from(cls, restore_path: str, *args, save_restore_connector=None, **kwargs):
@@ -339,3 +386,11 @@ class JSTIPModel(ModelPT):
     def list_available_models(cls):
         return []
 
+
+    def transcribe(self, audio, batch_size: int = 4, max_new_tokens: int = 256) -> list:
+        """Greedy transcripts of audio files (any rate; multi-channel downmixed) or a Lhotse CutSet, in input order:
+        ``Transcription`` objects with ``text``, and ``error`` for an input that could not be read
+        (``nemo_jstip.transcribe``)."""
+        from nemo_jstip.transcribe import transcribe
+
+        return transcribe(self, audio, batch_size=batch_size, max_new_tokens=max_new_tokens)

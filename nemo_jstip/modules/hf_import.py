@@ -1,4 +1,5 @@
-"""HF Llama-family weights <-> megatron-core ``GPTModel`` weights, for any tensor-parallel size.
+"""HF Llama-family models <-> megatron-core ``GPTModel``: configs (``llm_section``, ``hf_config``) and weights, for
+any tensor-parallel size.
 
 Covers ``LlamaForCausalLM`` (Llama 2/3, SmolLM2 with tied embeddings), ``Qwen2ForCausalLM`` (q/k/v bias)
 and ``Qwen3ForCausalLM`` (q/k RMSNorm). Megatron's layouts, per TP rank r of T:
@@ -18,13 +19,23 @@ checkpoints), so q/k need no permutation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
+import transformers
+from safetensors.torch import load_file
 
 from nemo_jstip.modules.llm import LLMConfig, padded_vocab_size
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
+# LLMConfig fields a HF config fixes (the weights' shapes and the function they compute): given beside
+# ``init_from_hf`` they must agree with it. vocab_size may be larger (JSTIP's added tokens get rows of their own).
+HF_FIXED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+            "vocab_size", "rotary_base", "rope_scaling", "rope_scaling_factor", "norm_eps", "add_qkv_bias",
+            "qk_layernorm", "tie_embeddings")
+HF_DEFAULTS = ("max_sequence_length", "attention_dropout", "hidden_dropout")  # the HF config's unless given
 # local-spec norm -> the TE spec's name for it (fused into the next linear)
 _FUSED_NORMS = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -43,7 +54,9 @@ def llm_config_from_hf(hf_config, **overrides) -> LLMConfig:
     """``LLMConfig`` matching a HF ``LlamaConfig``/``Qwen2Config``/``Qwen3Config``; ``overrides`` win."""
     c, kind = hf_config, hf_config.model_type
     if kind not in SUPPORTED:
-        raise NotImplementedError(f"HF model_type {kind!r} is not one of {SUPPORTED}")
+        raise NotImplementedError(
+            f"HF model_type {kind!r} ({', '.join(getattr(c, 'architectures', None) or ['?'])}) has no weight mapping "
+            f"onto megatron-core's GPTModel here: supported are {', '.join(SUPPORTED)}")
     if getattr(c, "hidden_act", "silu") != "silu":
         raise NotImplementedError(f"hidden_act={c.hidden_act}: only SwiGLU (silu) is supported")
     if getattr(c, "mlp_bias", False) or (kind != "qwen2" and getattr(c, "attention_bias", False)):
@@ -84,12 +97,57 @@ def llm_config_from_hf(hf_config, **overrides) -> LLMConfig:
     return LLMConfig(**{**fields, **overrides})
 
 
+def read_hf_config(folder: str | Path) -> transformers.PretrainedConfig:
+    """A local HF model folder's ``config.json`` (transformers' own classes only: no remote code)."""
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (a HF model folder holds config.json, *.safetensors and "
+                                f"the tokenizer files)")
+    return transformers.AutoConfig.from_pretrained(str(folder))
+
+
+def llm_section(section: Mapping) -> dict:
+    """The ``llm`` config section as the model builds it. With ``init_from_hf``, the folder's config.json gives the
+    fields of ``HF_FIXED`` and ``HF_DEFAULTS``; keys given (not null) beside it override ``HF_DEFAULTS`` and must
+    agree with ``HF_FIXED``. Without it, ``section`` as it is."""
+    section, folder = dict(section), section.get("init_from_hf")
+    if not folder:
+        return section
+    derived = dataclasses.asdict(llm_config_from_hf(read_hf_config(folder)))
+    given = {k: v for k, v in section.items() if v is not None}
+    if not derived["rope_scaling"]:
+        derived["rope_scaling_factor"] = given.get("rope_scaling_factor", derived["rope_scaling_factor"])  # unused
+    clashes = [f"llm.{k}={given[k]!r}, its config.json gives {derived[k]!r}" for k in HF_FIXED
+               if k in given and given[k] != derived[k] and not (k == "vocab_size" and given[k] > derived[k])]
+    if clashes:
+        raise ValueError(f"llm.init_from_hf={folder} defines the LLM's shape; drop (or set null) the keys that "
+                         f"differ: " + "; ".join(clashes))
+    return {**{k: derived[k] for k in HF_FIXED + HF_DEFAULTS}, **given}
+
+
+def hf_config(cfg: LLMConfig, **extra) -> transformers.PretrainedConfig:
+    """The HF config of ``cfg``'s architecture (the inverse of ``llm_config_from_hf``): Qwen3 with q/k norms, Qwen2
+    with q/k/v biases, Llama otherwise. ``max_position_embeddings`` is the trained ``max_sequence_length``."""
+    kind = "qwen3" if cfg.qk_layernorm else "qwen2" if cfg.add_qkv_bias else "llama"
+    if cfg.qk_layernorm and cfg.add_qkv_bias:
+        raise NotImplementedError("qk_layernorm with add_qkv_bias matches no supported HF family")
+    rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if cfg.rope_scaling:
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    heads = cfg.num_attention_heads
+    return cls[kind](
+        architectures=[arch[kind]], vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=heads,
+        num_key_value_heads=cfg.num_query_groups or heads, head_dim=cfg.kv_channels or cfg.hidden_size // heads,
+        max_position_embeddings=cfg.max_sequence_length,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
+        attention_dropout=cfg.attention_dropout, hidden_act="silu", **extra)
+
+
 def read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
     """A local HF model folder's weights, from its ``*.safetensors`` files only (no pickles: safe to read)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights (save the HF model with safe_serialization)")

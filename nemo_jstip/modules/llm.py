@@ -89,13 +89,6 @@ class LLMConfig:
         if self.params_dtype not in _DTYPES:
             raise ValueError(f"params_dtype must be one of {sorted(_DTYPES)}, got {self.params_dtype!r}")
 
-    @classmethod
-    def from_hf(cls, hf_config, **overrides) -> LLMConfig:
-        """The config matching a HF Llama/Qwen2/Qwen3 config (see ``modules.hf_import``)."""
-        from nemo_jstip.modules.hf_import import llm_config_from_hf
-
-        return llm_config_from_hf(hf_config, **overrides)
-
 
 @functools.cache
 def te_available() -> bool:

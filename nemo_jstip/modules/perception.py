@@ -24,9 +24,10 @@ autocast itself and computes features in fp32). Only the LLM's Transformer Engin
 adapter stay BF16: NeMo's conv subsampling / depthwise convs have no FP8 kernels, the modules are a small share of
 the compute, and the acoustic front end is the part most sensitive to quantisation.
 
-Pretrained encoders come from NeMo ASR ``.nemo`` files (CTC, RNNT, hybrid): :meth:`SpeechPerception.config_from_nemo`
-copies their preprocessor/encoder configs, :meth:`SpeechPerception.load_encoder_from_nemo` loads the weights. Both
-read the archive with the checked reader of ``nemo_jstip/checkpoint.py`` and instantiate nothing from it.
+Pretrained encoders come from NeMo ASR ``.nemo`` files with a (Fast)Conformer encoder (CTC, RNNT, hybrid, AED):
+``init_from_nemo: X.nemo`` alone gives the preprocessor and encoder (:meth:`SpeechPerception.resolve_config`; keys
+beside it override), :meth:`SpeechPerception.load_encoder_from_nemo` loads the weights. Both read the archive with
+the checked reader of ``nemo_jstip/checkpoint.py`` and instantiate nothing from it.
 """
 
 from __future__ import annotations
@@ -341,6 +342,19 @@ class SpeechPerception(nn.Module):
         base = {"preprocessor": _kwargs("preprocessor", asr_cfg.preprocessor),
                 "encoder": _kwargs("encoder", asr_cfg.encoder), "spec_augment": None, "adapter": {}}
         return OmegaConf.merge(base, sections)
+
+    @classmethod
+    def resolve_config(cls, cfg) -> DictConfig:
+        """The perception section as the model builds it. With ``init_from_nemo``, the .nemo's preprocessor and
+        encoder are the base and the keys given beside it override theirs (an absent or null section is the .nemo's
+        as it is); loading the weights then checks that no override changed what they compute. Without it, ``cfg``."""
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
+        if not cfg.get("init_from_nemo"):
+            return cfg
+        asr_cfg, _ = _read_nemo(cfg.init_from_nemo, weights=False)
+        for section in ("preprocessor", "encoder"):
+            cfg[section] = OmegaConf.merge(_kwargs(section, asr_cfg[section]), _kwargs(section, cfg.get(section)))
+        return cfg
 
     @classmethod
     def from_nemo(cls, path: str, strict: bool = True, **sections) -> SpeechPerception:

@@ -182,7 +182,7 @@ def qa_text_accuracy(model, tok, max_new_tokens: int = 8) -> float:
 
 
 def hf_config(cfg: PretrainConfig, tok):
-    """The ``LlamaConfig`` of the model (the recipe's ``llm`` section is ``LLMConfig.from_hf`` of it)."""
+    """The ``LlamaConfig`` of the model (the recipe's ``llm`` section is ``llm_config_from_hf`` of it)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(

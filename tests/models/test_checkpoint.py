@@ -79,3 +79,32 @@ def test_init_from_hf_folder_and_from_nemo(parallel_setup, good_nemo, tmp_path):
     (saved,) = spawn(save_or_restore, 1, parallel_setup, str(good_nemo), 1, 1, False)
     assert out["loss"] == pytest.approx(saved["loss"], abs=1e-6)
 
+
+
+GENERIC = """
+import sys, torch
+import nemo_jstip
+from nemo.core.classes import ModelPT
+assert "nemo_jstip.models.jstip_model" not in sys.modules  # importing the package alone registers it with NeMo
+batches = torch.load(sys.argv[2], weights_only=False)["batches"]
+model = ModelPT.restore_from(sys.argv[1])
+again = type(model).restore_from(sys.argv[1])
+print(type(model).__name__, model.loss(batches)["loss"], again.loss(batches)["loss"])
+"""
+
+
+def test_nemo_generic_restore_returns_the_model(parallel_setup, good_nemo, tmp_path):
+    """``import nemo_jstip`` then NeMo's ``ModelPT.restore_from`` (NeMo's own connector, which knows only
+    ``model_weights.ckpt``) gives the JSTIPModel with the saved weights, as ``JSTIPModel.restore_from`` does."""
+    import subprocess
+    import sys
+
+    with tarfile.open(good_nemo) as t:  # NeMo's layout: both weight members
+        names = {m.name.lstrip("./") for m in t.getmembers()}
+    assert {"model_config.yaml", "model_weights.ckpt", "model_weights/.metadata"} <= names
+    out = subprocess.run([sys.executable, "-c", GENERIC, str(good_nemo), str(parallel_setup)], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    name, generic, direct = out.stdout.split()[-3:]
+    (saved,) = spawn(save_or_restore, 1, parallel_setup, str(good_nemo), 1, 1, False)
+    assert name == "JSTIPModel" and float(generic) == float(direct) == pytest.approx(saved["loss"], abs=1e-6)

@@ -55,10 +55,9 @@ def build_model(tokenizer_dir: str, hf):
     from omegaconf import OmegaConf
 
     from nemo_jstip.models.jstip_model import JSTIPModel
-    from nemo_jstip.modules.hf_import import load_hf_weights
-    from nemo_jstip.modules.llm import LLMConfig
+    from nemo_jstip.modules.hf_import import llm_config_from_hf, load_hf_weights
 
-    llm = dataclasses.asdict(LLMConfig.from_hf(hf.config, layer_spec="local"))
+    llm = dataclasses.asdict(llm_config_from_hf(hf.config, layer_spec="local"))
     llm["lora_targets"] = list(llm["lora_targets"])
     cfg = OmegaConf.create({
         "tokenizer": {"path": tokenizer_dir},

@@ -45,7 +45,7 @@ def test_config_from_hf():
     assert (llama.num_attention_heads, llama.num_query_groups, llama.kv_channels) == (4, 2, 16)
     assert llama.tie_embeddings and not llama.add_qkv_bias and not llama.qk_layernorm and llama.norm_eps == 1e-6
     assert llm_config_from_hf(tiny_hf("qwen2").config).add_qkv_bias
-    qwen3 = LLMConfig.from_hf(tiny_hf("qwen3").config, train_mode="lora")
+    qwen3 = llm_config_from_hf(tiny_hf("qwen3").config, train_mode="lora")
     assert qwen3.qk_layernorm and qwen3.kv_channels == 32 and qwen3.train_mode == "lora"
     rope = llm_config_from_hf(tiny_hf("llama3_rope").config)
     assert rope.rope_scaling and rope.rope_scaling_factor == 8.0 and rope.rotary_base == 500000.0
@@ -110,7 +110,7 @@ def logit_parity(tp: int) -> dict:
     diffs = {}
     for kind in KINDS:
         hf = tiny_hf(kind)
-        cfg = LLMConfig.from_hf(hf.config, layer_spec="local")
+        cfg = llm_config_from_hf(hf.config, layer_spec="local")
         model = build_llm(cfg).eval()
         load_hf_weights(model, hf, cfg)
         dev = next(model.parameters()).device  # Megatron builds on the GPU when there is one; HF stays on the CPU

@@ -112,14 +112,14 @@ def pipeline_step(pp: int) -> dict:
     """Rank body: one training step through megatron's schedule (1F1B at PP=2); HF weights, tied embeddings."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nemo_jstip.modules.hf_import import load_hf_weights
-    from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss
+    from nemo_jstip.modules.hf_import import llm_config_from_hf, load_hf_weights
+    from nemo_jstip.modules.llm import build_llm, token_loss
     from nemo_jstip.parallel.dist import init_parallel
     from tests.modules.test_hf_import import VOCAB, tiny_hf
 
     init_parallel(pp=pp)
     hf = tiny_hf("tied")
-    cfg = LLMConfig.from_hf(hf.config, layer_spec="local", train_mode="full")
+    cfg = llm_config_from_hf(hf.config, layer_spec="local", train_mode="full")
     model = build_llm(cfg)
     load_hf_weights(model, hf, cfg)
     g = torch.Generator().manual_seed(2)
