@@ -25,12 +25,13 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".sph")
 @dataclasses.dataclass
 class Transcription:
     """One input's result: ``id`` (the cut id, or the file's stem), ``audio`` (the file, when known), ``text``
-    (the hypothesis), ``error`` (None when decoded)."""
+    (the hypothesis), ``error`` (None when decoded), ``reference`` (a cut's transcript, when it has one)."""
 
     id: str
     text: str = ""
     audio: str | None = None
     error: str | None = None
+    reference: str | None = None
 
 
 def _source(cut: Cut) -> str | None:
@@ -56,8 +57,7 @@ def _prepare(cut: Cut, sample_rate: int) -> Cut:
 def _cuts(audio) -> Iterator[tuple[str, str | None, Cut | Exception]]:
     """``(id, file, cut or the error)`` per input, lazily: paths are opened one at a time."""
     if isinstance(audio, CutSet):
-        for cut in audio:
-            yield cut.id, _source(cut), cut
+        yield from ((cut.id, _source(cut), cut) for cut in audio)
         return
     for path in [audio] if isinstance(audio, (str, Path)) else audio:
         path = str(path)
@@ -108,7 +108,8 @@ def transcribe(model, audio: str | Path | Iterable[str | Path] | CutSet, batch_s
         for chunk in _batches(_cuts(audio), batch_size):
             good = []
             for id, file, cut in chunk:
-                result = Transcription(id=id, audio=file)
+                reference = " ".join(s.text or "" for s in cut.supervisions).strip() if isinstance(cut, Cut) else ""
+                result = Transcription(id=id, audio=file, reference=reference or None)
                 results.append(result)
                 try:
                     if isinstance(cut, Exception):

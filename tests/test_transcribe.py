@@ -82,6 +82,8 @@ def test_transcribe_paths_and_cutset(good_nemo, audio_files, tmp_path):
         assert r["text"] == "" and r["error"].startswith(r["audio"]), r
     # the same audio gives the same hypothesis: a file and its cut; a stereo copy after the downmix
     assert mono["text"] == cuts[0]["text"] == stereo["text"]
+    assert [r["reference"] for r in cuts] == [c.supervisions[0].text for c in audio_files["cuts"]]
+    assert mono["reference"] is None
     assert got["training"]  # the caller's mode is given back
 
 
@@ -96,3 +98,12 @@ def test_transcribe_script(good_nemo, audio_files, tmp_path):
     errors = {Path(r["audio"]).name for r in rows if r["error"]}
     assert errors == {"notes.wav", "truncated.flac"}
     assert "2 of 5 inputs could not be read" in run.stdout + run.stderr
+
+
+def test_transcribe_script_on_a_manifest_prints_the_reference(good_nemo, tiny_corpus, tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "examples/jstip_transcribe.py"), f"model={good_nemo}",
+                          f"audio={tiny_corpus / 'general_test_cuts.jsonl'}", "limit=1", "max_new_tokens=4"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    first = next(iter(CutSet.from_file(tiny_corpus / "general_test_cuts.jsonl")))
+    assert f"  reference:  {first.supervisions[0].text}" in run.stdout and run.stdout.count("hypothesis:") == 1
