@@ -2,8 +2,10 @@
 mentions paired (McNemar), for comparisons that seed means alone cannot settle.
 
 Normalisation is Whisper's English normaliser (lowercase, punctuation, spelled-out and written numbers alike),
-WER is NeMo's ``word_error_rate_detail``. A reference entity mention is correct when its normalised words appear
-contiguously in the normalised hypothesis; a QA answer is correct when any accepted answer does.
+WER is NeMo's ``word_error_rate_detail`` over the utterances that have a reference transcript (none: WER is None,
+not computable). A reference entity mention (a string, or a ``{text, type, ...}`` dict) is correct when its
+normalised words appear contiguously in the normalised hypothesis; a QA answer is correct when any accepted answer
+does.
 """
 
 from __future__ import annotations
@@ -30,21 +32,43 @@ def contains(hypothesis: str, phrase: str) -> bool:
 
 
 def wer(references: list[str], hypotheses: list[str]) -> dict:
+    """WER over the pairs whose reference has words after normalisation; ``utterances`` says how many that is."""
     from nemo.collections.asr.metrics.wer import word_error_rate_detail
 
-    if not references:
-        return {"wer": None, "words": 0}
-    rate, words, ins, dels, subs = word_error_rate_detail(
-        [normalize(h) for h in hypotheses], [normalize(r) for r in references]
-    )
-    return {"wer": rate, "words": words, "insertion_rate": ins, "deletion_rate": dels, "substitution_rate": subs}
+    pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses)]
+    pairs = [(r, h) for r, h in pairs if r]
+    if not pairs:
+        return {"wer": None, "words": 0, "utterances": 0}
+    rate, words, ins, dels, subs = word_error_rate_detail([h for _, h in pairs], [r for r, _ in pairs])
+    return {"wer": rate, "words": words, "utterances": len(pairs), "insertion_rate": ins, "deletion_rate": dels,
+            "substitution_rate": subs}
+
+
+def entity_records(entities, where: str = "entities") -> list[dict]:
+    """Reference entities as ``{text, type, ...}`` dicts: a plain string is an untyped entity (type None). Anything
+    else is a ``ValueError`` naming ``where`` and the index."""
+    if entities is None:
+        return []
+    if not isinstance(entities, (list, tuple)):
+        raise ValueError(f"{where} must be a list of strings or {{text, type}} dicts, got {type(entities).__name__}")
+    out = []
+    for i, e in enumerate(entities):
+        if isinstance(e, str) and e.strip():
+            out.append({"text": e, "type": None})
+        elif isinstance(e, dict) and isinstance(e.get("text"), str) and e["text"].strip():
+            if e.get("type") is not None and not isinstance(e["type"], str):
+                raise ValueError(f"{where}[{i}]['type'] must be a string, got {e['type']!r}")
+            out.append({"type": None, **e})
+        else:
+            raise ValueError(f"{where}[{i}] must be a non-empty string or a dict with a non-empty 'text', got {e!r}")
+    return out
 
 
 def entity_mentions(rows: list[dict]) -> list[dict]:
     """One record per reference entity mention: ``rows`` have cut_id, hypothesis, entities, domain."""
     out = []
     for row in rows:
-        for e in row.get("entities") or []:
+        for e in entity_records(row.get("entities"), f"cut {row['cut_id']}: entities"):
             out.append(
                 {
                     "cut_id": row["cut_id"],
@@ -60,9 +84,11 @@ def entity_mentions(rows: list[dict]) -> list[dict]:
 
 
 def accuracy_by(mentions: list[dict], key: str) -> dict:
+    """Accuracy per value of ``key``; mentions without one (an untyped entity) are left out."""
     groups = defaultdict(list)
     for m in mentions:
-        groups[str(m[key])].append(m["correct"])
+        if m[key] is not None:
+            groups[str(m[key])].append(m["correct"])
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
@@ -86,10 +112,13 @@ def summarize(rows: list[dict]) -> dict:
     """The metrics of a decoded manifest: overall, per domain, per entity type, spoken QA (what metrics.json holds)."""
     mentions = entity_mentions(rows)
     out = {"num_utterances": len(rows), **wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])}
+    out["wer_utterances"] = out.pop("utterances")
+    if out["wer"] is None:
+        out["wer_note"] = "not computable: no decoded utterance has a reference transcript"
     out["entity_accuracy"] = sum(m["correct"] for m in mentions) / len(mentions) if mentions else None
     out["entity_mentions"] = len(mentions)
     out["entity_accuracy_by_type"] = accuracy_by(mentions, "type")
-    out["entity_accuracy_by_seen_in_text"] = accuracy_by([m for m in mentions if m["seen_in_text"] is not None], "seen_in_text")
+    out["entity_accuracy_by_seen_in_text"] = accuracy_by(mentions, "seen_in_text")
     out.update(qa_summary(rows))
     domains = sorted({r["domain"] for r in rows if r.get("domain")})
     out["domains"] = {}
@@ -121,7 +150,7 @@ def paired_mentions(rows_a: list[dict], rows_b: list[dict]) -> dict:
         diff = sorted(by_a.keys() ^ by_b.keys())
         raise ValueError(f"paired decodes differ in their cuts: {len(diff)} in one only, e.g. {diff[0]!r}")
     for cid, r in by_a.items():
-        if [e["text"] for e in r.get("entities") or []] != [e["text"] for e in by_b[cid].get("entities") or []]:
+        if [e["text"] for e in entity_records(r.get("entities"))] != [e["text"] for e in entity_records(by_b[cid].get("entities"))]:
             raise ValueError(f"cut {cid!r}: the two decodes list different reference entities")
     ids = sorted(by_a)
     ma, mb = (entity_mentions([by[c] for c in ids]) for by in (by_a, by_b))

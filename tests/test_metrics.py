@@ -78,3 +78,21 @@ def test_paired_mentions_counts_the_discordant_mentions():
     b[2]["entities"] = b[2]["entities"][:1]
     with pytest.raises(ValueError, match="cut 'a'.*different reference entities"):
         paired_mentions(a, b)
+
+
+def test_entities_as_plain_strings_or_dicts():
+    rows = [{"cut_id": "1", "reference": "give ramipril now", "hypothesis": "give ramipril now", "domain": "medical",
+             "entities": ["ramipril", {"text": "now", "type": "time"}]},
+            {"cut_id": "2", "reference": "", "hypothesis": "hello", "domain": "medical", "entities": ["hello"]}]
+    s = summarize(rows)
+    assert s["entity_mentions"] == 3 and s["entity_accuracy"] == 1.0
+    assert s["entity_accuracy_by_type"] == {"time": 1.0}  # untyped mentions count overall only
+    assert s["wer"] == 0.0 and s["wer_utterances"] == 1 and s["words"] == 3  # the cut without reference is left out
+    with pytest.raises(ValueError, match=r"cut 1: entities\[0\] must be a non-empty string"):
+        summarize([rows[0] | {"entities": [3]}])
+
+
+def test_wer_without_any_reference_is_none():
+    out = wer(["", "  "], ["a", "b"])
+    assert out["wer"] is None and out["utterances"] == 0
+    assert summarize([{"cut_id": "x", "reference": "", "hypothesis": "a"}])["wer_note"].startswith("not computable")
