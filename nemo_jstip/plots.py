@@ -137,15 +137,20 @@ def pct(x) -> str:
 
 
 def table(metrics: dict[str, dict]) -> str:
-    """One Markdown row per system: WER, entity accuracy (all and per domain), spoken and text-input QA accuracy."""
-    domains = sorted({d for m in metrics.values() for d, v in m.get("domains", {}).items()
-                      if v.get("entity_accuracy") is not None})
-    head = ["system", "utterances", "WER %", "entity acc %", *[f"{d} entity acc %" for d in domains],
-            "QA %", "QA text %"]
+    """One Markdown row per system: WER (all and per domain), entity accuracy (all and per domain), spoken and
+    text-input QA accuracy."""
+    def domains_with(key):
+        return sorted({d for m in metrics.values() for d, v in m.get("domains", {}).items() if v.get(key) is not None})
+
+    wer_domains, entity_domains = domains_with("wer"), domains_with("entity_accuracy")
+    head = ["system", "utterances", "WER %", *[f"{d} WER %" for d in wer_domains], "entity acc %",
+            *[f"{d} entity acc %" for d in entity_domains], "QA %", "QA text %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
-        cells = [name, str(m.get("num_utterances", "-")), pct(m.get("wer")), pct(m.get("entity_accuracy")),
-                 *[pct(m.get("domains", {}).get(d, {}).get("entity_accuracy")) for d in domains],
+        per = m.get("domains", {})
+        cells = [name, str(m.get("num_utterances", "-")), pct(m.get("wer")),
+                 *[pct(per.get(d, {}).get("wer")) for d in wer_domains], pct(m.get("entity_accuracy")),
+                 *[pct(per.get(d, {}).get("entity_accuracy")) for d in entity_domains],
                  pct(m.get("qa_accuracy")), pct(m.get("qa_text_accuracy"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

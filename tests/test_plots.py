@@ -44,8 +44,9 @@ def test_compare_cli_writes_plots_and_table(tb_log, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 5000
         assert f"({png})" in md.read_text()
     text = md.read_text()
-    assert "| system | utterances | WER % | entity acc % | medical entity acc % | QA % | QA text % |" in text
-    assert "| jstip | 10 | 20.0 | 50.0 | 50.0 | 25.0 | 75.0 |" in text and "| asr |" in text
+    assert ("| system | utterances | WER % | general WER % | medical WER % | entity acc % | medical entity acc % "
+            "| QA % | QA text % |") in text
+    assert "| jstip | 10 | 20.0 | 30.0 | 10.0 | 50.0 | 50.0 | 25.0 | 75.0 |" in text and "| asr |" in text
 
 
 def test_report_references_its_plots(tb_log, tmp_path):
