@@ -1,4 +1,4 @@
-"""The small-scale reproduction of issue 6: systems x seeds, each trained and evaluated, then mean ± std over seeds.
+"""The small-scale reproduction (docs/results.md): systems x seeds, each trained and evaluated, mean ± std over seeds.
 
     nice -n 10 .venv/bin/python benchmarks/reproduce.py [--seeds 3] [--systems asr_only,joint,...] [--steps N]
         [--out nemo_experiments/repro] [--jobs 2] [--dev-only | --splits test] [--tag NAME --set KEY=VALUE ...]
@@ -44,7 +44,7 @@ SYSTEMS = ("asr_only", "joint", "jstip_word", "jstip_segment", "jstip_mixed", "j
 CONTROLS = ("joint_transcripts", "jstip_word_transcripts")  # mixtures run on request only, not in the default grid
 CORPUS, TTS_CORPUS = "data/demo_corpus", "data/demo_corpus_tts"
 ENCODER = f"{CORPUS}/asr_ctc/asr_ctc.nemo"  # conf/jstip_repro.yaml's pretrained.asr_encoder
-BUILD = "benchmarks/repro_build"  # the committed encoder + LLM that the archived runs from session 21 on trained on
+BUILD = "benchmarks/repro_build"  # the committed encoder + LLM that the runs of docs/runs/repro_6k/ (seeds 3-5) trained on
 TTS_SIZES = ["sizes.medical_textspeech=1500", "sizes.banking_textspeech=1500"]
 DOMAINS = ("general", "medical", "banking")
 SPLITS = {"dev": [f"{CORPUS}/{d}_dev_cuts.jsonl" for d in DOMAINS],
@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aggregate-only", action="store_true",
                    help="tabulate the runs finished so far (e.g. while others still train); prepare and run nothing")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per run (OMP_NUM_THREADS; default 1: two threads on 2 shared cores were "
-                        "up to 6x slower per step here)")
+                   help="torch threads per run (OMP_NUM_THREADS; default 1: two threads per run on 2 shared cores "
+                        "make a step up to 6x slower)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: one per core with --threads 1)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     a = p.parse_args(argv)
