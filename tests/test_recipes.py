@@ -106,34 +106,62 @@ def test_finetune_recipe():
     assert "full_key: model.init_from_nemo" in mandatory("jstip_tiny_asr_finetune")
 
 
-def test_gpu_recipe():
-    from nemo.collections.asr.modules import AudioToMelSpectrogramPreprocessor as Mel
-    from nemo.collections.asr.modules import ConformerEncoder, SpectrogramAugmentation
+LLAMA_32_1B = dict(  # Llama-3.2-1B's config.json
+    architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+    rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+
+
+def config_only_nemo(path: Path, model_config: dict) -> Path:
+    """A .nemo holding only its model_config.yaml: what deriving the perception config reads."""
+    import io
+    import tarfile
+
+    import yaml
+
+    data = yaml.safe_dump(model_config).encode()
+    with tarfile.open(path, "w:") as t:
+        info = tarfile.TarInfo("./model_config.yaml")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_gpu_recipe(tmp_path):
+    """The pretrained parts define the shapes: the recipe restates none, and its own keys fit Llama-3.2-1B and a
+    FastConformer-L .nemo."""
+    from nemo.collections.asr.modules import SpectrogramAugmentation
     from transformers import LlamaConfig
 
-    from nemo_jstip.modules.hf_import import llm_config_from_hf
+    from nemo_jstip.modules.hf_import import llm_config_from_hf, llm_section
     from nemo_jstip.modules.llm import LLMConfig
+    from nemo_jstip.modules.perception import SpeechPerception
     from nemo_jstip.parallel.strategy import MegatronStrategy
+    from tests.modules.test_pretrained import FASTCONFORMER
 
     cfg = recipe("jstip_gpu_1b")
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 8 and cfg.trainer.accelerator == "gpu"
     assert set(cfg.strategy) <= set(inspect.signature(MegatronStrategy.__init__).parameters)
-    assert cfg.model.tokenizer.path == cfg.model.llm.init_from_hf == "/models/Llama-3.2-1B"
+    assert cfg.model.llm.init_from_hf == "/models/Llama-3.2-1B" and cfg.model.tokenizer.path is None
     assert cfg.model.perception.init_from_nemo == "/models/asr.nemo"
-    # the LLM section is what HF import derives from Llama-3.2-1B's config.json (but the trained context length)
-    llama = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-                        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
-                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    llm = {k: v for k, v in OmegaConf.to_container(cfg.model.llm).items() if k != "init_from_hf"}
-    assert LLMConfig(**llm) == llm_config_from_hf(llama, **{k: llm[k] for k in (
+    assert cfg.model.perception.encoder is None and cfg.model.perception.preprocessor is None
+    LlamaConfig(**LLAMA_32_1B).save_pretrained(tmp_path / "llama")
+    llm = OmegaConf.to_container(cfg.model.llm)
+    derived = LLMConfig(**{k: v for k, v in llm_section({**llm, "init_from_hf": str(tmp_path / "llama")}).items()
+                           if k != "init_from_hf"})
+    assert derived == llm_config_from_hf(LlamaConfig(**LLAMA_32_1B), **{k: llm[k] for k in (
         "max_sequence_length", "layer_spec", "fp8", "fp8_recipe", "params_dtype", "train_mode")})
-    # perception keys are NeMo constructor arguments; 80 ms per LLM frame
-    for section, cls in [("preprocessor", Mel), ("encoder", ConformerEncoder),
-                         ("spec_augment", SpectrogramAugmentation)]:
-        assert set(cfg.model.perception[section]) <= set(inspect.signature(cls.__init__).parameters), section
-    assert FrameSpec.from_config(cfg.model.perception).hop_seconds == pytest.approx(0.08)
+    assert derived.num_layers == 16 and derived.rope_scaling and derived.tie_embeddings
+    large = {**FASTCONFORMER, "encoder": {**FASTCONFORMER["encoder"], "n_layers": 17, "d_model": 512, "n_heads": 8,
+                                           "subsampling_conv_channels": 256}}
+    nemo = config_only_nemo(tmp_path / "asr.nemo", large)
+    perception = SpeechPerception.resolve_config({**OmegaConf.to_container(cfg.model.perception),
+                                                  "init_from_nemo": str(nemo)})
+    assert perception.encoder.d_model == 512 and perception.encoder.self_attention_model == "rel_pos"
+    assert set(perception.spec_augment) <= set(inspect.signature(SpectrogramAugmentation.__init__).parameters)
+    assert FrameSpec.from_config(perception).hop_seconds == pytest.approx(0.08)  # 80 ms per LLM frame
     assert "pretrained." in mandatory("jstip_gpu_1b")
 
 
@@ -164,15 +192,21 @@ def tokenizer(tiny_corpus):
 
 
 def first_batches(cfg, tokenizer, n=1):
+    from nemo_jstip.modules.perception import SpeechPerception
+
     data = {**cfg.model.train_ds, "interleave": cfg.model.interleave}  # as JSTIPModel passes it on
-    loader = build_dataloader(data, tokenizer, FrameSpec.from_config(cfg.model.perception))
+    loader = build_dataloader(data, tokenizer, FrameSpec.from_config(SpeechPerception.resolve_config(cfg.model.perception)))
     return loader, list(islice(loader, n))
 
 
 @pytest.mark.parametrize("name,mixture", [("jstip_tiny", m) for m in sorted(MIXTURES)]
                          + [("jstip_tiny_asr_finetune", "asr_only"), ("jstip_gpu_1b", "jstip_mixed")])
-def test_recipes_give_a_batch(name, mixture, tiny_corpus, tokenizer):
+def test_recipes_give_a_batch(name, mixture, tiny_corpus, tokenizer, tmp_path):
+    from tests.modules.test_pretrained import FASTCONFORMER
+
     overrides = [f"data.corpus_dir={tiny_corpus}", *FAST]
+    if name == "jstip_gpu_1b":  # its encoder (frame rate) is the .nemo's
+        overrides.append(f"pretrained.asr_nemo={config_only_nemo(tmp_path / 'asr.nemo', FASTCONFORMER)}")
     cfg = recipe(name, *overrides, *([f"mixture={mixture}"] if name == "jstip_tiny" else []))
     loader, (batch,) = first_batches(cfg, tokenizer)
     want = expected(mixture, str(tiny_corpus))
