@@ -1,4 +1,4 @@
-"""Where a domain's word errors sit: in a few derailed utterances or spread thinly (issue 6's general-WER gap).
+"""Where a domain's word errors sit: in a few derailed utterances or spread thinly (JSTIP's general-WER gap).
 
     .venv/bin/python benchmarks/error_bursts.py --out nemo_experiments/repro_6k --seeds 2,3,4,5 \
         --systems jstip_word@6k_asr15,joint@6k [--domain general] [--min-errors 4] [--splits dev,test]

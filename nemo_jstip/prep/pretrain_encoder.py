@@ -1,10 +1,10 @@
-"""CTC-pretrain the speech encoder on the general ASR data: the acoustic prior of the small-scale reproduction (issue 6).
+"""CTC-pretrain the speech encoder on the general ASR data: the acoustic prior of the small-scale reproduction.
 
     python -m nemo_jstip.prep.pretrain_encoder corpus_dir=data/demo_corpus [out=FILE.nemo] [steps=1500 ...]
 
 JSTIP starts from a pretrained speech encoder (the paper's is a CTC/RNNT-trained Conformer); trained from scratch
 inside the speech-LLM, our tiny encoder never learns to listen within the steps a 2-core CPU affords (the LLM's
-text prior wins, docs/results.md). So, as with the LLM, the encoder is pretrained here: NeMo's own ``EncDecCTCModel``
+text prior wins, docs/results.md, "Settings chosen on dev"). So, as with the LLM, the encoder is pretrained here: NeMo's own ``EncDecCTCModel``
 (character vocabulary) with exactly the recipe's preprocessor and encoder, trained by Lightning on the general
 training cuts only (no domain entity is ever heard), through NeMo's Lhotse dataloading, with SpecAugment. The
 .nemo loads into a JSTIP recipe with ``model.perception.init_from_nemo=FILE`` (its config is checked key by key).
@@ -32,7 +32,7 @@ class EncoderPretrainConfig:
     recipe: str = "jstip_repro"  # a config under conf/: its model.perception preprocessor/encoder are trained
     seed: int = 0
     threads: int = 2
-    steps: int = 4000  # ~6 epochs of the 11 h general_train, 33 min on 2 cores; dev WER/CER in docs/results.md
+    steps: int = 4000  # ~6 epochs of the 11 h general_train, 33-43 min on 2 cores; dev WER/CER in docs/results.md
     batch_duration: float = 60.0  # seconds of audio per batch
     lr: float = 3e-3
     warmup: int = 100

@@ -1,4 +1,4 @@
-"""Pretrain a small Llama-shaped HF LLM on the corpus text: the text prior of the small-scale reproduction (issue 6).
+"""Pretrain a small Llama-shaped HF LLM on the corpus text: the text prior of the small-scale reproduction.
 
     python -m nemo_jstip.prep.pretrain_llm corpus_dir=data/demo_corpus [out_dir=DIR] [steps=600 hidden_size=192 ...]
 
@@ -17,7 +17,7 @@ weights (safetensors), the HF config, the tokenizer (the corpus tokenizer plus J
 way ``JSTIPModel`` adds them, so the recipe reads tokenizer and weights from one place), ``pretrain.json`` and
 ``replay_general.jsonl`` / ``replay_qa.jsonl``: the pretraining lines of the general text and of the QA facts (not
 the domain text, which is what the systems differ in), for a fine-tuning mixture that replays them, each at its own
-weight, to keep the LLM's knowledge (NeMo's ``txt_jsonl`` input type; docs/results_replay.md). ``replay_general_new.jsonl``
+weight, to keep the LLM's knowledge (NeMo's ``txt_jsonl`` input type; docs/results.md, spoken QA). ``replay_general_new.jsonl``
 holds the general lines that are not ASR training transcripts: general text of the transcripts' register that the
 model never hears, the control that separates "transcript text" from "any general text" (docs/results.md).
 Deterministic for a seed (single process, fixed data order).

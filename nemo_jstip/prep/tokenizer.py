@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
 
     384 tokens (the 256 bytes, 2 specials, 126 merges: mostly letter pairs and a few short words) make every word a
     spelling, as a large LLM's tokenizer does for rare names: a speech-LLM trained on the corpus's ~1,400 general
-    words then spells an unheard entity piece by piece (docs/results.md, session 6); with 1,000 most general words
-    were single tokens and it learned to pick whole words instead. An existing folder of another size is rebuilt."""
+    words then spells an unheard entity piece by piece; with 1,000 most general words are single tokens and it
+    learns to pick whole words instead (docs/results.md, "Settings chosen on dev"). An existing folder of another
+    size is rebuilt."""
     import sys
 
     from omegaconf import OmegaConf
