@@ -40,6 +40,7 @@ from nemo_jstip.checkpoint import (
 )
 from nemo_jstip.data.examples import add_special_tokens
 from nemo_jstip.data.frames import FrameSpec
+from nemo_jstip.data.health import DataHealth
 from nemo_jstip.data.interleave import InterleaveConfig
 from nemo_jstip.modules.hf_import import llm_section, load_hf_weights, read_hf_weights
 from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss, transformer_config
@@ -264,6 +265,11 @@ class JSTIPModel(ModelPT):
         if hasattr(sampler, "mark_consumed"):
             for b in raw:
                 sampler.mark_consumed(b["position"])
+        if self.trainer is not None:  # drops and fallbacks summed over the run and the DP replicas (data/health.py)
+            health = self.__dict__.setdefault("_data_health", DataHealth(self.trainer.log_every_n_steps))
+            for b in raw:
+                health.update(b)
+            self.log_dict(health.report(self.trainer.global_step, sampler), batch_size=1)
         if stats["tokens"]:  # else every rank's batches were dropped as bad input (counted by the dataset)
             self.log("train_loss", stats["loss"], prog_bar=True, batch_size=1)
         self.log("train_tokens", float(stats["tokens"]), batch_size=1)
