@@ -145,8 +145,9 @@ class JSTIPModel(ModelPT):
         (and the tokenizer from that folder unless ``tokenizer.path`` names one), the preprocessor and encoder
         from ``perception.init_from_nemo``; the adapter's ``output_size`` defaults to the LLM's hidden size."""
         cfg.llm = llm_section(OmegaConf.to_container(cfg.llm, resolve=True))
-        if cfg.llm.get("init_from_hf") and not (cfg.get("tokenizer") or {}).get("path"):
-            cfg.tokenizer = {**OmegaConf.to_container(cfg.get("tokenizer") or {}), "path": cfg.llm.init_from_hf}
+        tokenizer = OmegaConf.to_container(cfg.tokenizer) if cfg.get("tokenizer") is not None else {}
+        if cfg.llm.get("init_from_hf") and not tokenizer.get("path"):
+            cfg.tokenizer = {**tokenizer, "path": cfg.llm.init_from_hf}
         perception = SpeechPerception.resolve_config(cfg.perception)
         if perception.adapter.get("output_size") is None:
             perception.adapter.output_size = cfg.llm.hidden_size

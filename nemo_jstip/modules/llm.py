@@ -302,6 +302,23 @@ def gather_logits(logits: torch.Tensor, vocab_size: int | None = None) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's GPT weights with every LoRA adapter folded into its base weight (``W + scale * B @ A``, exact on
+    each TP shard: a column-parallel shard holds B's matching rows and all of A, a row-parallel one A's matching
+    columns and all of B) and the factors and TE ``_extra_state`` left out: what a base model of this shape loads."""
+    lora = {name: m for name, m in model.named_modules() if hasattr(m, "lora_scale")}
+    out = {}
+    for key, value in model.state_dict().items():
+        module, last = key.rsplit(".", 1)
+        if last in ("lora_a", "lora_b", "_extra_state"):
+            continue
+        if last == "weight" and module in lora:
+            m = lora[module]
+            value = value + (m.lora_scale * (m.lora_b.float() @ m.lora_a.float())).to(value.dtype)
+        out[key] = value.detach()
+    return out
+
+
 def _lora_layer_spec(spec, cfg: LLMConfig):
     """Swap the target linears of a ``TransformerLayer`` spec for their LoRA subclasses.
 
