@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 from lhotse.cut import Cut
 
 from nemo_jstip.data.frames import AlignmentError, FrameSpec, Silence
+from nemo_jstip.metrics import normalize
 
-__all__ = ["AlignmentError", "InterleaveConfig", "Span", "Plan", "read_alignment", "make_rng", "split_words",
+__all__ = ["AlignmentError", "InterleaveConfig", "Span", "Plan", "read_alignment", "match_words", "make_rng", "split_words",
            "plan_spans", "plan_cut"]
 
 SPEECH, TEXT = "speech", "text"
@@ -75,7 +77,9 @@ def read_alignment(cut: Cut) -> tuple[list[str], np.ndarray]:
     """Transcript words and their (N, 2) [start, end] times in seconds from the cut's start.
 
     Lhotse keeps alignment times recording-relative (windowing a cut does not move them): we subtract
-    ``cut.start``. Raises ``AlignmentError`` naming the cut when the alignment does not match the transcript.
+    ``cut.start``. Alignment words need not equal the transcript's: they are matched after normalisation
+    (``match_words``), and a group of words the aligner wrote differently ("twenty five" / "25") becomes one word
+    whose time covers its items. Raises ``AlignmentError`` naming the cut when they cannot be matched.
     """
     if len(cut.supervisions) != 1:
         raise AlignmentError(f"cut {cut.id}: expected one supervision, got {len(cut.supervisions)}")
@@ -87,14 +91,54 @@ def read_alignment(cut: Cut) -> tuple[list[str], np.ndarray]:
     if not items:
         raise AlignmentError(f"cut {cut.id}: no word alignment")
     symbols = [it.symbol for it in items]
-    if symbols != words:
-        i = next((i for i, (a, b) in enumerate(zip(symbols, words)) if a != b), min(len(symbols), len(words)))
-        raise AlignmentError(
-            f"cut {cut.id}: alignment words differ from the transcript at word {i} "
-            f"({symbols[i:i + 1]} vs {words[i:i + 1]}; {len(symbols)} vs {len(words)} words)"
-        )
     times = np.array([(it.start, it.start + it.duration) for it in items], dtype=np.float64) - cut.start
-    return words, times
+    if symbols == words:
+        return words, times
+    try:
+        groups = match_words(words, symbols)
+    except AlignmentError as e:
+        raise AlignmentError(f"cut {cut.id}: {e}") from None
+    return ([" ".join(words[i0:i1]) for i0, i1, _, _ in groups],
+            np.array([(times[j0, 0], times[j1 - 1, 1]) for _, _, j0, j1 in groups], dtype=np.float64))
+
+
+@lru_cache(maxsize=1 << 16)
+def _norm(text: str) -> str:
+    """The evaluation's normaliser (nemo_jstip.metrics: Whisper's English one), spaces removed; cached, since
+    words repeat."""
+    return normalize(text).replace(" ", "")
+
+
+def match_words(words: list[str], symbols: list[str], max_group: int = 3) -> list[tuple[int, int, int, int]]:
+    """Pair transcript ``words`` with alignment ``symbols`` after normalisation (case, punctuation, number and
+    abbreviation spelling: the evaluation's normaliser). Returns groups ``(i0, i1, j0, j1)``: words[i0:i1] are
+    what symbols[j0:j1] say, in order, covering every word; a group has at most ``max_group`` on either side.
+    Symbols that normalise to nothing (silence, ``<eps>``, punctuation) are dropped; such words join their
+    neighbour's group. Raises ``AlignmentError`` at the first words that match nothing."""
+    wi = [i for i, w in enumerate(words) if _norm(w)]
+    sj = [j for j, x in enumerate(symbols) if _norm(x)]
+    groups, a, b = [], 0, 0  # a, b: positions in wi, sj
+    while a < len(wi) and b < len(sj):
+        for x, y in sorted(((x, y) for x in range(1, max_group + 1) for y in range(1, max_group + 1)), key=sum):
+            if a + x > len(wi) or b + y > len(sj):
+                continue
+            left = " ".join(words[i] for i in wi[a : a + x])
+            right = " ".join(symbols[j] for j in sj[b : b + y])
+            if _norm(left) == _norm(right):
+                groups.append([wi[a], wi[a + x - 1] + 1, sj[b], sj[b + y - 1] + 1])
+                a, b = a + x, b + y
+                break
+        else:
+            break
+    if a < len(wi) or b < len(sj) or not groups:
+        i = wi[a] if a < len(wi) else len(words)
+        j = sj[b] if b < len(sj) else len(symbols)
+        raise AlignmentError(f"alignment words differ from the transcript at word {i} even after normalisation "
+                             f"({symbols[j:j + 2]} vs {words[i:i + 2]}; {len(symbols)} vs {len(words)} words)")
+    groups[0][0], groups[-1][1] = 0, len(words)  # leading / trailing words that normalise to nothing
+    for g, nxt in zip(groups, groups[1:]):
+        g[1] = nxt[0]  # a word that normalises to nothing between two groups joins the earlier one
+    return [tuple(g) for g in groups]
 
 
 def make_rng(seed: int, epoch: int, key: str) -> np.random.Generator:

@@ -141,3 +141,54 @@ def test_bad_input_raises_alignment_error_naming_the_cut(make_cut, change, match
         cut.supervisions[0].text = " ".join(words)
     with pytest.raises(AlignmentError, match=f"cut bad-7: .*{match}"):
         plan_cut(cut, InterleaveConfig(), SPEC)
+
+
+def _retext(cut, text: str, symbols: dict[int, str] | None = None):
+    """A copy of ``cut`` with transcript ``text`` and alignment items renamed at ``symbols`` (index -> symbol)."""
+    from lhotse.utils import fastcopy
+
+    sup = cut.supervisions[0]
+    items = [it._replace(symbol=(symbols or {}).get(k, it.symbol)) for k, it in enumerate(sup.alignment["word"])]
+    return fastcopy(cut, supervisions=[fastcopy(sup, text=text, alignment={"word": items})])
+
+
+def test_alignment_matches_the_transcript_after_normalisation(tiny_corpus):
+    """A real cut whose transcript has capitals, punctuation and a written number while the aligner wrote digits."""
+    from lhotse import CutSet
+
+    digits = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+
+    def number_at(words):  # a lone number word, not the first or last
+        return next((k for k in range(1, len(words) - 1) if words[k] in digits and words[k - 1] not in digits
+                     and words[k + 1] not in digits and words[k + 1] != "hundred"), None)
+
+    cuts = [c for name in ("medical_test", "banking_test", "medical_dev", "banking_dev")
+            for c in CutSet.from_file(tiny_corpus / f"{name}_cuts.jsonl")]
+    cut = next(c for c in cuts if number_at(c.supervisions[0].text.split()) is not None)
+    words = cut.supervisions[0].text.split()
+    k = number_at(words)
+    text = " ".join([words[0].capitalize() + ","] + words[1:-1] + [words[-1] + "."])
+    user = _retext(cut, text, {k: digits[words[k]]})
+    got, times = read_alignment(user)
+    assert got == text.split()  # the transcript's own words, with the aligner's times
+    np.testing.assert_allclose(times, read_alignment(cut)[1])
+    plan = plan_cut(user, InterleaveConfig(), SPEC)
+    assert plan.words == text.split() and plan.spans[-1].end == len(words)
+
+
+def test_a_number_the_aligner_wrote_as_one_token_becomes_one_word(make_cut):
+    cut = make_cut(["i", "took", "25", "pills", "<eps>"], [(0, .2), (.2, .5), (.5, .9), (1.0, 1.3), (1.3, 1.5)], 2.0)
+    cut = _retext(cut, "I took twenty-five pills!")
+    words, times = read_alignment(cut)
+    assert words == ["I", "took", "twenty-five", "pills!"]
+    cut = _retext(cut, "I took twenty five pills")
+    words, times = read_alignment(cut)
+    assert words == ["I", "took", "twenty five", "pills"] and times[2].tolist() == [0.5, 0.9]
+    assert times[3].tolist() == [1.0, 1.3]  # "<eps>" (nothing after normalisation) is dropped
+
+
+def test_words_that_differ_after_normalisation_are_still_an_error(make_cut):
+    cut = make_cut(["give", "metformin", "now"], [(0, .3), (.3, .8), (.9, 1.2)], 1.5)
+    with pytest.raises(AlignmentError, match=r"cut cut-0: alignment words differ from the transcript at word 1 even "
+                                             r"after normalisation \(\['metformin', 'now'\] vs \['Ramipril', 'now.'\]"):
+        read_alignment(_retext(cut, "Give Ramipril now."))
