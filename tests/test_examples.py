@@ -49,3 +49,35 @@ def test_train_save_evaluate(tiny_corpus, tmp_path):
     assert 0 <= metrics["qa_accuracy"] <= 1 and 0 <= metrics["qa_text_accuracy"] <= 1
     for png in ("entity_accuracy.png", "loss.png", "qa_accuracy.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 0 and f"({png})" in out
+
+
+def test_train_from_a_released_encoder_then_export(tiny_corpus, tmp_path):
+    """The tiny recipe with its encoder from a FastConformer CTC .nemo alone (80 mels, rel_pos, xscaling,
+    untie_biases, full context; its sections removed from the YAML) trains; the saved .nemo's config carries that
+    encoder; jstip_to_hf.py exports it and transformers loads the LLM folder as it is."""
+    import tarfile
+
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.modules.test_pretrained import FASTCONFORMER, asr_nemo
+
+    make_tokenizer([f"corpus_dir={tiny_corpus}", "vocab_size=300"])
+    asr_nemo("ctc", tmp_path / "fastconformer.nemo")
+    nemo = tmp_path / "tiny.nemo"
+    run([str(ROOT / "examples/jstip_train.py"), f"data.corpus_dir={tiny_corpus}", f"exp_manager.exp_dir={tmp_path}",
+         f"model_out={nemo}", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+         "model.train_ds.loader.num_workers=0", "model.train_ds.sampler.max_tokens=1024", *TINY[:3],
+         f"++model.perception.init_from_nemo={tmp_path / 'fastconformer.nemo'}", "~model.perception.encoder",
+         "~model.perception.preprocessor", "model.perception.adapter.hidden_size=64"], tmp_path)
+    with tarfile.open(nemo) as t:
+        saved = yaml.safe_load(t.extractfile("./model_config.yaml"))["perception"]
+    for section in ("preprocessor", "encoder"):
+        assert saved[section] == {k: v for k, v in FASTCONFORMER[section].items() if k != "_target_"}, section
+    out = tmp_path / "hf"
+    run([str(ROOT / "examples/jstip_to_hf.py"), f"model={nemo}", f"output_dir={out}"], tmp_path)
+    llm, tok = AutoModelForCausalLM.from_pretrained(out / "llm"), AutoTokenizer.from_pretrained(out / "llm")
+    ids = tok("the patient", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(llm(ids).logits).all() and "<|audio|>" in tok.get_vocab()
