@@ -160,8 +160,15 @@ fi
 # 2b. the 1B recipe: random weights (no pretrained paths), the corpus' tokenizer (llm.vocab_size stays 128256),
 # validation off; the checkpoint at step 20 is the only one (save_top_k 0 + save_last; val_check_interval 10 keeps
 # NeMo from saving another "last" at train end): ~16 GB each with the Adam state.
+# Without the pretrained files, the shapes they would give are stated: Llama-3.2-1B's, FastConformer-L's.
+SHAPES=(++model.llm.num_layers=16 ++model.llm.hidden_size=2048 ++model.llm.ffn_hidden_size=8192
+  ++model.llm.num_attention_heads=32 ++model.llm.num_query_groups=8 ++model.llm.kv_channels=64
+  ++model.llm.vocab_size=128256 ++model.llm.rotary_base=500000.0 ++model.llm.rope_scaling=true
+  ++model.llm.rope_scaling_factor=32.0 ++model.llm.tie_embeddings=true
+  "++model.perception.preprocessor={sample_rate:16000,features:80,window_size:0.025,window_stride:0.01,n_fft:512,window:hann,normalize:per_feature,log:true,frame_splicing:1,dither:1.0e-5,pad_to:0}"
+  "++model.perception.encoder={feat_in:80,n_layers:17,d_model:512,n_heads:8,subsampling:dw_striding,subsampling_factor:8,subsampling_conv_channels:256,ff_expansion_factor:4,self_attention_model:rel_pos,xscaling:true,untie_biases:true,conv_kernel_size:9,conv_norm_type:batch_norm,dropout:0.1,dropout_pre_encoder:0.1,dropout_emb:0.0,dropout_att:0.1}")
 TRAIN=(examples/jstip_train.py --config-name jstip_gpu_1b data.corpus_dir=$CORPUS pretrained.asr_nemo=null
-  pretrained.hf_llm=null model.tokenizer.path=$CORPUS/tokenizer trainer.devices=1 trainer.log_every_n_steps=1
+  pretrained.hf_llm=null "${SHAPES[@]}" model.tokenizer.path=$CORPUS/tokenizer trainer.devices=1 trainer.log_every_n_steps=1
   trainer.limit_val_batches=0 trainer.val_check_interval=10 exp_manager.exp_dir=$WORK/exp model_out=$WORK/1b.nemo
   exp_manager.checkpoint_callback_params.every_n_train_steps=20 exp_manager.checkpoint_callback_params.save_top_k=0
   model.optim.sched.warmup_steps=5 model.num_microbatches=2)
