@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.12",
     install_requires=[
         "nemo_toolkit[asr]>=3.0.0,<3.1",
-        "megatron-core>=0.19,<0.21",
+        "megatron-core>=0.19,<0.21",  # the LLM is a GPTModel (docs/training.md, "GPTModel, not HybridModel")
         "lhotse>=1.33.0,<1.34",
         "hydra-core",  # versions as NeMo pins them
         "omegaconf",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -33,6 +34,17 @@ import torch.nn.functional as F
 
 from nemo_jstip.parallel import cpu
 from nemo_jstip.parallel.dist import compute_device
+
+
+class _GPTModelDeprecation(logging.Filter):
+    """megatron-core 0.19 logs "GPTModel IS DEPRECATED ... use HybridModel" for every model built. This package
+    builds GPTModel on purpose (docs/training.md, "GPTModel, not HybridModel"): that one message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("GPTModel IS DEPRECATED")
+
+
+logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_GPTModelDeprecation())
 
 LayerSpec = Literal["te", "local", "auto"]
 TrainMode = Literal["frozen", "full", "lora"]

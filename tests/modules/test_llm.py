@@ -216,3 +216,19 @@ def sdpa_vs_megatron() -> float:
 def test_sdpa_core_attention_equals_megatrons():
     (diff,) = spawn(sdpa_vs_megatron, 1)
     assert diff < 1e-5
+
+
+def test_gpt_model_deprecation_line_is_dropped():
+    """Only megatron-core's per-build "GPTModel IS DEPRECATED" line (docs/training.md says why GPTModel); others pass."""
+    import logging
+
+    import megatron.core.models.gpt.gpt_model as gpt_model
+
+    logger = logging.getLogger(gpt_model.__name__)
+    assert gpt_model.logger is logger
+
+    def record(msg):
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record("GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes"))
+    assert logger.filter(record("some other warning"))
