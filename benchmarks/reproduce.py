@@ -6,8 +6,8 @@
 
 Systems are the mixtures of conf/mixture/ (ASR-only, joint, JSTIP word / segment / mixed, JSTIP with synthetic TTS
 pairs instead of the domain text), trained with conf/jstip_repro.yaml (a small LLM pretrained here on the corpus
-text, ``nemo_jstip.prep.pretrain_llm``) and a speech encoder CTC-pretrained here on the general ASR data
-(``nemo_jstip.prep.pretrain_encoder``). Each run is ``examples/jstip_train.py`` then ``examples/jstip_eval.py`` on
+text, ``benchmarks.repro.pretrain_llm``) and a speech encoder CTC-pretrained here on the general ASR data
+(``benchmarks.repro.pretrain_encoder``). Each run is ``examples/jstip_train.py`` then ``examples/jstip_eval.py`` on
 the dev sets and on the test sets with spoken QA, as subprocesses, so a crash or a kill loses one run only.
 Resumable: a run whose eval ``metrics.json`` exists is skipped, an existing ``.nemo`` is not retrained, and a killed
 training run continues from its last checkpoint (``exp_manager.resume_if_exists``). The aggregate (Markdown tables of
@@ -17,7 +17,7 @@ goes between the markers of ``--results`` (docs/results.md, the rest of the file
 (metrics, hypotheses gzipped, timing) and the fingerprint of the encoder and LLM it was trained on are also copied to
 ``--archive`` (docs/runs/OUT_NAME/, committed); the aggregation reads a run from there when its folder is gone, and
 pairs two runs only when they were trained on the same prepared encoder and LLM (a fresh checkout's encoder build
-differs slightly). So the prepared pair itself is committed too (``--build``, benchmarks/repro_build/) and restored
+differs slightly). So the prepared pair itself is committed too (``--build``, pretrained/) and restored
 before prep where missing.
 """
 
@@ -44,7 +44,7 @@ SYSTEMS = ("asr_only", "joint", "jstip_word", "jstip_segment", "jstip_mixed", "j
 CONTROLS = ("joint_transcripts", "jstip_word_transcripts")  # mixtures run on request only, not in the default grid
 CORPUS, TTS_CORPUS = "data/demo_corpus", "data/demo_corpus_tts"
 ENCODER = f"{CORPUS}/asr_ctc/asr_ctc.nemo"  # conf/jstip_repro.yaml's pretrained.asr_encoder
-BUILD = "benchmarks/repro_build"  # the committed encoder + LLM that the runs of docs/runs/repro_6k/ (seeds 3-5) trained on
+BUILD = "pretrained"  # the committed encoder + LLM that the runs of docs/runs/repro_6k/ (seeds 3-5) trained on
 TTS_SIZES = ["sizes.medical_textspeech=1500", "sizes.banking_textspeech=1500"]
 DOMAINS = ("general", "medical", "banking")
 SPLITS = {"dev": [f"{CORPUS}/{d}_dev_cuts.jsonl" for d in DOMAINS],
@@ -74,10 +74,10 @@ def prep_commands(systems: list[str], llm_dir: str, encoder: str, config: str = 
     stage before): the corpus, its tokenizer, then the LLM folder (these three always run: each reuses a current
     folder in seconds and rebuilds a stale one; a recipe's LLM from elsewhere is exported once), the speech
     encoder and, for jstip_synthetic, the TTS corpus."""
-    llm = ([PY, "-m", "nemo_jstip.prep.pretrain_llm", f"corpus_dir={CORPUS}"] if RECIPES[config][1] == "pretrain_llm"
-           else [PY, "-m", f"nemo_jstip.prep.{RECIPES[config][1]}"])
+    llm = ([PY, "-m", "benchmarks.repro.pretrain_llm", f"corpus_dir={CORPUS}"] if RECIPES[config][1] == "pretrain_llm"
+           else [PY, "-m", f"benchmarks.repro.{RECIPES[config][1]}"])
     last = [(None, llm + [f"out_dir={llm_dir}"]),
-            (encoder, [PY, "-m", "nemo_jstip.prep.pretrain_encoder", f"corpus_dir={CORPUS}", f"out={encoder}"])]
+            (encoder, [PY, "-m", "benchmarks.repro.pretrain_encoder", f"corpus_dir={CORPUS}", f"out={encoder}"])]
     if "jstip_synthetic" in systems:  # always run, like the corpus: rebuilt when the corpus defaults change
         last.append((None, [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={TTS_CORPUS}", *TTS_SIZES]))
     return [[(None, [PY, "-m", "nemo_jstip.prep.corpus", f"out_dir={CORPUS}"])],

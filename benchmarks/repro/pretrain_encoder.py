@@ -1,6 +1,6 @@
 """CTC-pretrain the speech encoder on the general ASR data: the acoustic prior of the small-scale reproduction.
 
-    python -m nemo_jstip.prep.pretrain_encoder corpus_dir=data/demo_corpus [out=FILE.nemo] [steps=1500 ...]
+    python -m benchmarks.repro.pretrain_encoder corpus_dir=data/demo_corpus [out=FILE.nemo] [steps=1500 ...]
 
 JSTIP starts from a pretrained speech encoder (the paper's is a CTC/RNNT-trained Conformer); trained from scratch
 inside the speech-LLM, our tiny encoder never learns to listen within the steps a 2-core CPU affords (the LLM's

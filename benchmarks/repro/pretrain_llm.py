@@ -1,6 +1,6 @@
 """Pretrain a small Llama-shaped HF LLM on the corpus text: the text prior of the small-scale reproduction.
 
-    python -m nemo_jstip.prep.pretrain_llm corpus_dir=data/demo_corpus [out_dir=DIR] [steps=600 hidden_size=192 ...]
+    python -m benchmarks.repro.pretrain_llm corpus_dir=data/demo_corpus [out_dir=DIR] [steps=600 hidden_size=192 ...]
 
 A real pretrained LLM (SmolLM2-135M) is too slow for a 20-run grid on 2 CPU cores, so the grid starts from a
 few-million-parameter ``LlamaForCausalLM`` trained here in minutes and loaded through the same HF import as any
