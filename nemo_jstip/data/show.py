@@ -30,7 +30,7 @@ from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import SPEECH, InterleaveConfig
 from nemo_jstip.data.nemo_types import _tag
 from nemo_jstip.data.sampler import InterleavingSampler, Stream
-from nemo_jstip.prep.tokenizer import train_tokenizer
+from nemo_jstip.data.tokenizer import train_tokenizer
 
 KINDS = {"interleaved": ("interleaved",), "asr": ("asr",), "mixed": ("asr", "interleaved")}
 ARGS = {"manifest": None, "text": None, "config": None, "kind": "mixed", "n": "5", "batches": "5", "epoch": "0",
