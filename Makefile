@@ -10,16 +10,26 @@ SYS_PKGS := espeak-ng
 .PHONY: demo test env sysdeps docker-check clean
 
 DEMO_DIR   ?= nemo_experiments/demo
-DEMO_MODEL := $(DEMO_DIR)/jstip_tiny.nemo
-DEMO_TEST  := [$(CORPUS_DIR)/general_test_cuts.jsonl,$(CORPUS_DIR)/medical_test_cuts.jsonl,$(CORPUS_DIR)/banking_test_cuts.jsonl,$(CORPUS_DIR)/qa_test_cuts.jsonl]
+DEMO_BASE  := pretrained/jstip_general.nemo
+DEMO_MODEL := $(DEMO_DIR)/jstip_demo.nemo
+DEMO_TEST  := [$(CORPUS_DIR)/general_test_cuts.jsonl,$(CORPUS_DIR)/medical_test_cuts.jsonl,$(CORPUS_DIR)/banking_test_cuts.jsonl]
+DEMO_T0    := $(shell date +%s)
 
-# corpus (reused when complete) -> tokenizer -> tiny JSTIP model (trained once) -> evaluation table
+# corpus (reused when complete) -> the committed general-speech model evaluated -> adapted with JSTIP and the domain
+# text (an interrupted run resumes) -> evaluated -> the before/after table and one test utterance transcribed.
+# Each step's output is reused when present (delete $(DEMO_DIR) to run it all again).
 demo: env
 	$(PY) -m nemo_jstip.prep.corpus out_dir=$(CORPUS_DIR)
-	$(PY) -m nemo_jstip.prep.tokenizer corpus_dir=$(CORPUS_DIR)
-	@if [ -f $(DEMO_MODEL) ]; then echo "reusing $(DEMO_MODEL) (delete $(DEMO_DIR) to retrain)"; else \
-	  $(PY) examples/jstip_train.py data.corpus_dir=$(CORPUS_DIR) exp_manager.exp_dir=$(DEMO_DIR) model_out=$(DEMO_MODEL); fi
-	$(PY) examples/jstip_eval.py model=$(DEMO_MODEL) 'data.manifest=$(DEMO_TEST)' output_dir=$(DEMO_DIR)/eval name=jstip_tiny log_dir=$(DEMO_DIR)/jstip_tiny
+	@[ -f $(DEMO_DIR)/before/metrics.json ] || $(PY) examples/jstip_eval.py model=$(DEMO_BASE) \
+	  'data.manifest=$(DEMO_TEST)' output_dir=$(DEMO_DIR)/before name=general
+	@[ -f $(DEMO_MODEL) ] || $(PY) examples/jstip_train.py --config-name jstip_demo data.corpus_dir=$(CORPUS_DIR) \
+	  exp_manager.exp_dir=$(DEMO_DIR) model_out=$(DEMO_MODEL)
+	@[ -f $(DEMO_DIR)/eval/metrics.json ] || $(PY) examples/jstip_eval.py model=$(DEMO_MODEL) \
+	  'data.manifest=$(DEMO_TEST)' output_dir=$(DEMO_DIR)/eval name=jstip_demo log_dir=$(DEMO_DIR)/jstip_demo
+	$(PY) -m nemo_jstip.plots "general-speech model=$(DEMO_DIR)/before" "adapted with JSTIP=$(DEMO_DIR)/eval" \
+	  --out $(DEMO_DIR)/compare
+	$(PY) examples/jstip_transcribe.py model=$(DEMO_MODEL) audio=$(CORPUS_DIR)/medical_test_cuts.jsonl limit=1
+	@echo "make demo: $$(( $$(date +%s) - $(DEMO_T0) )) s; table: $(DEMO_DIR)/compare/compare.md"
 
 test: env
 	$(PY) -m pytest -q tests
