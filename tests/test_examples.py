@@ -51,33 +51,39 @@ def test_train_save_evaluate(tiny_corpus, tmp_path):
         assert (tmp_path / "eval" / png).stat().st_size > 0 and f"({png})" in out
 
 
-def test_train_from_a_released_encoder_then_export(tiny_corpus, tmp_path):
-    """The tiny recipe with its encoder from a FastConformer CTC .nemo alone (80 mels, rel_pos, xscaling,
-    untie_biases, full context; its sections removed from the YAML) trains; the saved .nemo's config carries that
-    encoder; jstip_to_hf.py exports it and transformers loads the LLM folder as it is."""
+def test_train_from_released_models_then_export(tiny_corpus, tmp_path):
+    """docs/recipes.md, "From released models": the tiny recipe with its encoder from a FastConformer CTC .nemo
+    (80 mels, rel_pos, xscaling, untie_biases, full context) and its LLM and tokenizer from a Qwen3-shaped HF folder,
+    their YAML sections removed, trains; the saved .nemo's config carries that encoder and LLM; jstip_to_hf.py exports
+    it, transformers loads the LLM folder as it is, and NeMo's generic loader restores the .nemo."""
     import tarfile
 
     import torch
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.modules.test_pretrained import FASTCONFORMER, asr_nemo
+    from tests.modules.test_pretrained import FASTCONFORMER, asr_nemo, hf_folder
 
-    make_tokenizer([f"corpus_dir={tiny_corpus}", "vocab_size=300"])
     asr_nemo("ctc", tmp_path / "fastconformer.nemo")
+    hf_folder("qwen3", tmp_path / "qwen3")
     nemo = tmp_path / "tiny.nemo"
     run([str(ROOT / "examples/jstip_train.py"), f"data.corpus_dir={tiny_corpus}", f"exp_manager.exp_dir={tmp_path}",
          f"model_out={nemo}", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-         "model.train_ds.loader.num_workers=0", "model.train_ds.sampler.max_tokens=1024", *TINY[:3],
-         f"++model.perception.init_from_nemo={tmp_path / 'fastconformer.nemo'}", "~model.perception.encoder",
-         "~model.perception.preprocessor", "model.perception.adapter.hidden_size=64"], tmp_path)
+         "model.train_ds.loader.num_workers=0", "model.train_ds.sampler.max_tokens=1024",
+         f"++model.perception.init_from_nemo={tmp_path / 'fastconformer.nemo'}", "~model.perception.preprocessor",
+         "~model.perception.encoder", "~model.llm", f"+model.llm.init_from_hf={tmp_path / 'qwen3'}",
+         "+model.llm.train_mode=lora", "~model.tokenizer", "model.perception.adapter.hidden_size=64"], tmp_path)
     with tarfile.open(nemo) as t:
-        saved = yaml.safe_load(t.extractfile("./model_config.yaml"))["perception"]
+        saved = yaml.safe_load(t.extractfile("./model_config.yaml"))
     for section in ("preprocessor", "encoder"):
-        assert saved[section] == {k: v for k, v in FASTCONFORMER[section].items() if k != "_target_"}, section
+        assert saved["perception"][section] == {k: v for k, v in FASTCONFORMER[section].items() if k != "_target_"}
+    assert saved["llm"]["qk_layernorm"] and saved["llm"]["kv_channels"] == 32 and saved["llm"]["train_mode"] == "lora"
     out = tmp_path / "hf"
     run([str(ROOT / "examples/jstip_to_hf.py"), f"model={nemo}", f"output_dir={out}"], tmp_path)
     llm, tok = AutoModelForCausalLM.from_pretrained(out / "llm"), AutoTokenizer.from_pretrained(out / "llm")
-    ids = tok("the patient", return_tensors="pt").input_ids
+    assert type(llm).__name__ == "Qwen3ForCausalLM" and "<|audio|>" in tok.get_vocab()
     with torch.no_grad():
-        assert torch.isfinite(llm(ids).logits).all() and "<|audio|>" in tok.get_vocab()
+        assert torch.isfinite(llm(tok("the patient", return_tensors="pt").input_ids).logits).all()
+    generic = ("import nemo_jstip, sys; from nemo.core.classes import ModelPT; "
+               "print(type(ModelPT.restore_from(sys.argv[1])).__name__)")
+    assert run(["-c", generic, str(nemo)], tmp_path).split()[-1] == "JSTIPModel"

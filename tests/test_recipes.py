@@ -195,7 +195,8 @@ def first_batches(cfg, tokenizer, n=1):
     from nemo_jstip.modules.perception import SpeechPerception
 
     data = {**cfg.model.train_ds, "interleave": cfg.model.interleave}  # as JSTIPModel passes it on
-    loader = build_dataloader(data, tokenizer, FrameSpec.from_config(SpeechPerception.resolve_config(cfg.model.perception)))
+    frames = FrameSpec.from_config(SpeechPerception.resolve_config(cfg.model.perception))
+    loader = build_dataloader(data, tokenizer, frames)
     return loader, list(islice(loader, n))
 
 

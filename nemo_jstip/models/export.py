@@ -38,7 +38,8 @@ README = """# {name}: a JSTIP speech-LLM in parts
 - `perception/encoder.nemo`: the NeMo preprocessor (`AudioToMelSpectrogramPreprocessor`) and encoder
   (`ConformerEncoder`): their config sections in `model_config.yaml`, their weights in `model_weights.ckpt`.
 - `perception/adapter.safetensors`: the frame adapter (encoder frames, {stack} stacked, to the LLM's hidden size
-  {hidden}); `perception/perception.yaml` is the whole perception config (`nemo_jstip.modules.perception.SpeechPerception`).
+  {hidden}); `perception/perception.yaml` is the whole perception config
+  (`nemo_jstip.modules.perception.SpeechPerception`).
 
 Speech in: audio (16 kHz mono) -> preprocessor -> encoder -> adapter gives one LLM input embedding per
 {hop_ms:g} ms. The model saw each utterance's frames in place of the `{audio}` placeholder tokens, one per frame,
@@ -69,7 +70,8 @@ def export_to_hf(model, out_dir: str | Path) -> Path:
     perception, cfg = model.stage.perception, OmegaConf.to_container(model.cfg.perception, resolve=True)
     sections = {s: {"_target_": f"{_CLASSES[s][0].__module__}.{_CLASSES[s][0].__name__}", **cfg[s]}
                 for s in ("preprocessor", "encoder")}
-    state = {k: v.detach().cpu() for k, v in perception.state_dict().items() if k.startswith(("preprocessor.", "encoder."))}
+    state = {k: v.detach().cpu() for k, v in perception.state_dict().items()
+             if k.startswith(("preprocessor.", "encoder."))}
     _write_nemo(out / "perception" / "encoder.nemo", {"sample_rate": cfg["preprocessor"].get("sample_rate", 16000),
                                                       **sections}, state)
     adapter = {k: v.detach().cpu().contiguous() for k, v in perception.adapter.state_dict().items()}

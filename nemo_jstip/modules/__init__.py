@@ -1,1 +1,2 @@
-"""Model building blocks: speech perception (``perception``), the Megatron decoder LLM (``llm``), HF weight import (``hf_import``)."""
+"""Model building blocks: speech perception (``perception``), the Megatron decoder LLM (``llm``), HF configs
+and weights in both directions (``hf_import``), decoding (``generate``)."""

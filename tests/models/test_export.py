@@ -71,7 +71,8 @@ def test_export_to_hf_and_back(parallel_setup, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "examples/jstip_to_hf.py"), f"model={nemo}", f"output_dir={out}"],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert {p.name for p in (out / "perception").iterdir()} == {"encoder.nemo", "adapter.safetensors", "perception.yaml"}
+    parts = {p.name for p in (out / "perception").iterdir()}
+    assert parts == {"encoder.nemo", "adapter.safetensors", "perception.yaml"}
     assert "perception/encoder.nemo" in (out / "README.md").read_text()
     hf = AutoModelForCausalLM.from_pretrained(out / "llm").eval()
     tok = AutoTokenizer.from_pretrained(out / "llm")

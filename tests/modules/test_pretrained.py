@@ -18,8 +18,8 @@ LABELS = list(" abcdefghijklmnopqrstuvwxyz'")
 _M = "nemo.collections.asr.modules."
 # NeMo's fast-conformer configs (FastConformer-L), at d_model 64 and 2 layers
 FASTCONFORMER = {
-    "preprocessor": {"_target_": _M + "AudioToMelSpectrogramPreprocessor", "sample_rate": 16000, "normalize": "per_feature",
-                     "window_size": 0.025, "window_stride": 0.01, "window": "hann", "features": 80, "n_fft": 512,
+    "preprocessor": {"_target_": _M + "AudioToMelSpectrogramPreprocessor", "sample_rate": 16000,
+                     "normalize": "per_feature", "window_size": 0.025, "window_stride": 0.01, "window": "hann", "features": 80, "n_fft": 512,
                      "log": True, "frame_splicing": 1, "dither": 1e-5, "pad_to": 0, "pad_value": 0.0},
     "spec_augment": {"_target_": _M + "SpectrogramAugmentation", "freq_masks": 2, "time_masks": 10, "freq_width": 27,
                      "time_width": 0.05},
