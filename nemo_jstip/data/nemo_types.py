@@ -47,7 +47,7 @@ from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, _text, make_cos
 from nemo_jstip.data.examples import ExampleBuilder
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
-from nemo_jstip.data.manifest import ManifestCuts, check_text_file, read_lines
+from nemo_jstip.data.manifest import ManifestCuts, TextFile, check_text_file
 from nemo_jstip.data.sampler import KIND_KEY, KINDS, InterleavingSampler, Stream
 
 __all__ = ["read_jstip_cuts", "read_jstip_text", "register", "streams_from_input_cfg", "build_dataloader"]
@@ -68,14 +68,36 @@ def read_jstip_cuts(config) -> tuple[CutSet, bool]:
     if kind not in KINDS:
         raise ValueError(f"jstip_cuts needs kind: {' | '.join(KINDS)}, got {kind!r} ({config.get('cuts_path')})")
     paths = expand_sharded_filepaths(config.cuts_path)
-    parts = [_cuts(p).map(partial(resolve_relative_paths, manifest_path=p)) for p in paths]
+    if all(".jsonl" in str(p) for p in paths):
+        return CutSet(JstipCuts(paths, kind)), False
+    parts = [CutSet.from_file(p).map(partial(resolve_relative_paths, manifest_path=p)) for p in paths]
     cuts = parts[0] if len(parts) == 1 else CutSet(LazyIteratorChain(*parts))
     return cuts.map(partial(_tag, kind=kind)), False
 
 
-def _cuts(path) -> CutSet:
-    """A JSONL manifest through ``ManifestCuts`` (a bad line is an error naming file and line), else Lhotse's reader."""
-    return CutSet(ManifestCuts(path)) if ".jsonl" in str(path) else CutSet.from_file(path)
+def _chain_from(files: list, position, convert) -> Iterator:
+    """``(convert(item, file), [file index, offset])`` over ``files`` (each with ``iter_from``) from ``position``."""
+    first, offset = position if position is not None else (0, None)
+    for k in range(first, len(files)):
+        for item, after in files[k].iter_from(offset if k == first else None):
+            yield convert(item, files[k]), [k, after]
+
+
+class JstipCuts:
+    """JSONL cut manifests read in order (``ManifestCuts``: a bad line names file and line), relative audio paths
+    resolved against each manifest, each cut tagged with ``kind``; resumable (``iter_from``)."""
+
+    def __init__(self, paths, kind: str):
+        self.files, self.kind = [ManifestCuts(p) for p in paths], kind
+
+    def _cut(self, cut, file):
+        return _tag(resolve_relative_paths(cut, file.path), self.kind)
+
+    def __iter__(self):
+        return (cut for cut, _ in self.iter_from(None))
+
+    def iter_from(self, position):
+        return _chain_from(self.files, position, self._cut)
 
 
 class TextLines:
@@ -93,10 +115,15 @@ class TextLines:
             check_text_file(path)
 
     def __iter__(self) -> Iterator[TextExample]:
-        for path in self.paths:
-            for _, line in read_lines(path):
-                if line := line.strip():
-                    yield TextExample(line, language=self.language, custom={KIND_KEY: "text"})
+        return (x for x, _ in self.iter_from(None) if x is not None)
+
+    def iter_from(self, position):
+        """``(TextExample or None for a blank line, [file index, offset])`` from ``position``."""
+        return _chain_from([TextFile(p) for p in self.paths], position, self._example)
+
+    def _example(self, line: str, file) -> TextExample | None:
+        line = line.strip()
+        return TextExample(line, language=self.language, custom={KIND_KEY: "text"}) if line else None
 
 
 def read_jstip_text(config) -> tuple[CutSet, bool]:
@@ -134,6 +161,14 @@ class _Texts:
 
     def __iter__(self) -> Iterator[str]:
         return (_text(x) for x in self.items)
+
+    @property
+    def iter_from(self):
+        """``(text, position)`` from ``position`` when the items' source can seek (``TextLines``), else absent."""
+        inner = getattr(self.items, "data", None)
+        if not hasattr(inner, "iter_from"):
+            raise AttributeError("iter_from")
+        return lambda position: ((_text(x) if x is not None else "", p) for x, p in inner.iter_from(position))
 
 
 def streams_from_input_cfg(input_cfg) -> list[Stream]:

@@ -1,15 +1,17 @@
-"""The JSTIP training mixture (JSTIP.md step 6) as a Lhotse sampler.
+"""The JSTIP training mixture (docs/method.md#the-data-mixture) as a Lhotse sampler.
 
 Weighted streams of ASR, interleaved and text-only examples -> batches limited by a token budget that counts
 padding, bucketed by cost, split over data-parallel ranks, exactly resumable behind a prefetching DataLoader.
 
-Built from Lhotse's sampler parts rather than beside them:
-
-* ``CutSampler``: DP split (every rank draws the same ``world_size`` batches per step and keeps its own),
-  ``set_epoch``, ``filter``, diagnostics and the base ``state_dict``.
-* ``LazyIteratorMultiplexer`` (what ``CutSet.mux`` builds) mixes the streams by weight; ``streaming_shuffle`` shuffles
-  each stream; ``DynamicBucketer`` / ``DurationBatcher`` form the batches; ``estimate_duration_buckets`` estimates
-  bucket edges. All of them are driven by :class:`PaddedTokenConstraint`, a ``SamplingConstraint`` on ``cost_fn``.
+Built on Lhotse's ``CutSampler`` (DP split: every rank draws the same ``world_size`` batches per step and keeps
+its own; ``set_epoch``, ``filter``, diagnostics, the base ``state_dict``), ``estimate_duration_buckets`` (bucket
+edges) and :class:`PaddedTokenConstraint`, a ``SamplingConstraint`` on ``cost_fn``. The stages between are ours,
+written as plain data so that a checkpoint can hold them (``_State``): per stream a pass over its source (its
+byte offset for JSONL and text files) through a shuffle buffer, a weighted mixture (one RNG draw per item; the
+epoch ends when a non-repeating stream runs out), and ``buffer_size`` items in cost buckets from which each step's
+batches are drawn (a bucket holding a full batch for every rank, chosen at random; with ``sync_buckets`` the whole
+step comes from that bucket). Lhotse's ``streaming_shuffle``, ``LazyIteratorMultiplexer`` and ``DynamicBucketer``
+do the same jobs as generators, whose position cannot be stored.
 
 Items. An ASR or interleaved item is a shallow copy of the source cut (``lhotse.utils.fastcopy``) with a *new*
 ``custom`` dict holding ``jstip_kind`` and ``jstip_cost``; the source cut, its recording and supervisions are
@@ -32,13 +34,16 @@ Where Lhotse's own samplers fall short for this job (measured with lhotse 1.33.0
 
 Resume. A batch is a :class:`MixedBatch` (a list of items) that knows its ``position`` = (epoch, index within this
 rank's epoch). The dataset passes it on in its output, and the training loop calls
-``sampler.mark_consumed(position)`` after each step; ``state_dict()`` then stores how many batches of the epoch's
-shared stream (all DP ranks' batches) were drawn up to the last *consumed* one (before the first ``mark_consumed``
-it counts the batches yielded, which is exact only without workers). ``load_state_dict`` replays the epoch from its
-start up to there (the whole pipeline is a pure function of seed, epoch, DP size and config), so the next batch is
-the one an uninterrupted run would have trained on next. At another DP size the replay instead collects the items
-consumed so far, and the epoch restarts without them (see ``load_state_dict``). Replaying costs one pass over the
-epoch's metadata up to that point (see benchmarks/bench_sampler.py).
+``sampler.mark_consumed(position)`` after each step; ``state_dict()`` then stores the pipeline's state as it was
+right after the last *consumed* batch (the sampler keeps a snapshot per batch yielded but not yet consumed: list
+copies, the items are shared), with how many batches of the epoch's shared stream (all DP ranks' batches) that
+is. Before the first ``mark_consumed`` it stores the state after the last batch yielded, which is exact only
+without workers. ``load_state_dict`` at the same DP size continues from that state: file sources seek to their
+stored byte offsets (any other source skips its items unread by ``cost_fn``), the buffered items come from the
+checkpoint (each cut as its JSON line, with its cost), and the RNGs continue, so the next batch is the one an
+uninterrupted run would have trained on next, in O(1) of the epoch position (benchmarks/bench_sampler.py
+``resume``). At another DP size the batching differs, so it replays the epoch up to there to collect the items
+consumed, and the epoch restarts without them (see ``load_state_dict``).
 
 Typical use (the sampler lives in the main process, the dataset turns item lists into tensors in the workers)::
 
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 from collections import Counter
 import random
@@ -62,14 +68,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from lhotse import CutSet
 from lhotse.dataset.sampling.base import CutSampler, SamplingConstraint
-from lhotse.dataset.sampling.dynamic import DurationBatcher, Filter
-from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketer, estimate_duration_buckets
-from lhotse.lazy import LazyIteratorMultiplexer
-from lhotse.serialization import load_manifest_lazy_or_eager
-from lhotse.utils import fastcopy, streaming_shuffle
+from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
+from lhotse.serialization import deserialize_item, load_manifest_lazy_or_eager
+from lhotse.utils import fastcopy
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_jstip.data.manifest import ManifestCuts, check_text_file, read_lines
+from nemo_jstip.data.manifest import ManifestCuts, TextFile, check_text_file
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ COST_KEY = "jstip_cost"
 STREAM_KEY = "jstip_stream"  # the name of the stream an item came from, for per-source bad-input counts
 # the sampler's share of the bad-input table (nemo_jstip.data.dataset.PROBLEMS has the dataset's)
 MAX_DROPPED_IDS, MAX_LOGGED = 100_000, 10
+MAX_SNAPSHOTS = 32  # pipeline states kept for batches yielded but not yet marked consumed (>= DataLoader prefetch)
 SAMPLER_PROBLEMS = {"too_long": ("item costlier than sampler.max_item_cost", "dropped by the sampler")}
 
 
@@ -115,6 +120,84 @@ class Stream:
     name: str | None = None
 
 
+@dataclass
+class _Pass:
+    """One stream's pass over its source: the source position after the last raw item read, raw items read,
+    items made, the shuffle buffer and its RNG."""
+
+    rep: int = 0
+    position: Any = None
+    count: int = 0
+    items: int = 0
+    done: bool = False
+    buf: list = field(default_factory=list)
+    rng: random.Random | None = None
+
+
+@dataclass
+class _State:
+    """Where the pipeline is in the epoch, as plain data: per-stream passes, the mixture's RNG, the items still to
+    exclude (a DP-size change), the buckets and their RNG."""
+
+    streams: list[_Pass]
+    mux: random.Random
+    left: Counter
+    buckets: list[list]
+    bucket_rng: random.Random
+    buffered: int = 0
+    ended: bool = False
+
+    def copy(self) -> "_State":
+        """A snapshot: list and RNG copies (items are shared, never mutated)."""
+        return _State([replace(p, buf=list(p.buf), rng=_copy_rng(p.rng)) for p in self.streams], _copy_rng(self.mux),
+                      Counter(self.left), [list(b) for b in self.buckets], _copy_rng(self.bucket_rng),
+                      self.buffered, self.ended)
+
+    def to_dict(self) -> dict:
+        return {"streams": [{**{k: getattr(p, k) for k in ("rep", "position", "count", "items", "done")},
+                             "buf": [_item_dict(x) for x in p.buf], "rng": _rng_state(p.rng)} for p in self.streams],
+                "mux": _rng_state(self.mux), "left": dict(self.left),
+                "buckets": [[_item_dict(x) for x in b] for b in self.buckets],
+                "bucket_rng": _rng_state(self.bucket_rng), "buffered": self.buffered, "ended": self.ended}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "_State":
+        streams = [_Pass(**{k: p[k] for k in ("rep", "position", "count", "items", "done")},
+                         buf=[_item_from(x) for x in p["buf"]], rng=_rng_from(p["rng"])) for p in d["streams"]]
+        return cls(streams, _rng_from(d["mux"]), Counter(d["left"]), [[_item_from(x) for x in b] for b in d["buckets"]],
+                   _rng_from(d["bucket_rng"]), d["buffered"], d["ended"])
+
+
+def _copy_rng(rng: random.Random) -> random.Random:
+    out = random.Random()
+    out.setstate(rng.getstate())
+    return out
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from(state: list) -> random.Random:
+    rng = random.Random()
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+    return rng
+
+
+def _item_dict(item) -> dict:
+    """Plain data (a torch checkpoint loads it with ``weights_only=True``): a cut as its JSON manifest line."""
+    if isinstance(item, TextItem):
+        return {"text_item": [item.id, item.text, item.custom]}
+    return {"cut": json.dumps(item.to_dict())}
+
+
+def _item_from(d: dict):
+    if "text_item" in d:
+        return TextItem(*d["text_item"])
+    return deserialize_item(json.loads(d["cut"]))
+
+
 class MixedBatch(list):
     """The items of one batch, plus where it sits in the epoch and its token counts."""
 
@@ -140,7 +223,7 @@ class PaddedTokenConstraint(SamplingConstraint):
 
     ``edges`` are ascending upper cost edges of the buckets, the last one being the largest allowed cost. An item
     counts as long as the edge of its bucket, so the batch stops one item early rather than one item late: a
-    batch whose items share a bucket (as ``DynamicBucketer`` / ``DurationBatcher`` build them) never exceeds
+    batch whose items share a bucket (as the sampler builds them) never exceeds
     ``max_tokens``. With one edge (no bucketing) the batch size is ``max_tokens // edges[0]``.
     """
 
@@ -181,8 +264,8 @@ class InterleavingSampler(CutSampler):
     :param num_buckets: buckets estimated from the first ``num_items_for_edges_estimate`` items of epoch 0
         (plus one edge at the largest cost seen, plus ``max_item_cost``); 1 turns bucketing off.
     :param bucket_edges: ascending upper cost edges instead of estimating them.
-    :param buffer_size: items held across the buckets (``DynamicBucketer``).
-    :param shuffle: shuffle each stream (``streaming_shuffle``) and within buckets.
+    :param buffer_size: items held across the buckets (also stored in a checkpoint).
+    :param shuffle: shuffle each stream through a buffer of ``shuffle_buffer_size`` items (also in a checkpoint).
     :param shuffle_buffer_size: per-stream shuffle buffer.
     :param sync_buckets: the ranks of one step draw from the same bucket (similar lengths, no stragglers).
     :param drop_last: drop partial batches and the last incomplete DP round.
@@ -218,6 +301,7 @@ class InterleavingSampler(CutSampler):
             assert s.kind in KINDS, f"stream {s.name}: kind must be one of {KINDS}, got {s.kind!r}"
             assert s.weight > 0, f"stream {s.name}: weight must be > 0"
         self._sources = [_open_source(s) for s in self.streams]
+        self._iters: list[Iterator | None] = [None] * len(self.streams)  # open sources (transient)
         self.cost_fn = cost_fn
         self.max_tokens = max_tokens
         self.max_batch_size = max_batch_size
@@ -234,7 +318,8 @@ class InterleavingSampler(CutSampler):
         else:
             edges = []
         self.edges = edges + [self.max_item_cost]
-        self._batches: Iterator | None = None
+        self._state: _State | None = None  # the pipeline's position (None: the epoch has not started)
+        self._snapshots: dict[int, _State] = {}  # the state after each yielded batch not yet known consumed
         self._index = 0  # batches yielded to this rank in the current epoch
         self._consumed: int | None = None  # batches consumed in the current epoch, once mark_consumed was used
         # the epoch's position over all DP ranks: batches drawn from the shared stream before batch 0 of this object
@@ -248,35 +333,83 @@ class InterleavingSampler(CutSampler):
         self.problems_by_source: dict[str, Counter] = {}
         self.dropped: dict[str, str] = {}
 
-    # ---- the pipeline: streams -> mixture -> filter -> batches ----
+    # ---- the pipeline: streams -> shuffle -> mixture -> filter -> buckets -> batches ----
+    # Its whole state is plain data (_State: source positions, shuffle buffers, buckets, RNG states), so a
+    # checkpoint stores it and a restore continues from it in O(1) of the epoch position.
     def _rng(self, *parts) -> random.Random:
         return random.Random("/".join(map(str, (self.seed, self.epoch) + parts)))
 
-    def _stream_items(self, i: int) -> Iterator:
+    def _fresh_state(self) -> "_State":
+        """The epoch's start (also in the constructor, before the edges and exclusions exist)."""
+        return _State(streams=[_Pass(rng=self._rng(s.name, 0)) for s in self.streams], mux=self._rng("mux"),
+                      left=Counter(getattr(self, "_excluded", ())),
+                      buckets=[[] for _ in getattr(self, "edges", ())], bucket_rng=self._rng("bucket"))
+
+    def _open(self, i: int, position) -> Iterator:
+        """``(raw item, position after it)`` of stream ``i``'s source from ``position`` (None: the start)."""
+        source = self._sources[i]
+        inner = source.data if isinstance(source, CutSet) else source
+        if hasattr(inner, "iter_from"):  # ManifestCuts, TextFile, nemo_types' readers: seek to a byte offset
+            return inner.iter_from(position)
+        n = position or 0  # any other iterable: skip n items (reads them, no cost_fn)
+        return ((x, k) for k, x in enumerate(itertools.islice(iter(source), n, None), n + 1))
+
+    def _make_item(self, i: int, x, index: int):
         s = self.streams[i]
-        for rep in itertools.count():
-            raw = iter(self._sources[i]) if s.kind != "text" else _text_lines(s.name, self._sources[i])
-            if self.shuffle:
-                raw = streaming_shuffle(raw, bufsize=self.shuffle_buffer_size, rng=self._rng(s.name, rep))
-            empty = True
-            for x in raw:
-                empty = False
-                if s.kind == "text":
-                    item = TextItem(id=x[0], text=x[1], custom={KIND_KEY: "text", STREAM_KEY: s.name})
-                else:
-                    item = fastcopy(x, custom={**(x.custom or {}), KIND_KEY: s.kind, STREAM_KEY: s.name})
-                item.custom[COST_KEY] = int(self.cost_fn(item))
-                yield item
-            if not s.repeat or empty:
-                return
+        if s.kind == "text":
+            if not x or not x.strip():
+                return None
+            item = TextItem(id=f"{s.name}:{index}", text=x.strip(), custom={KIND_KEY: "text", STREAM_KEY: s.name})
+        else:
+            item = fastcopy(x, custom={**(x.custom or {}), KIND_KEY: s.kind, STREAM_KEY: s.name})
+        item.custom[COST_KEY] = int(self.cost_fn(item))
+        return item
+
+    def _stream_next(self, st: "_State", i: int):
+        """Stream ``i``'s next item (shuffled through its buffer), None when the stream ends for the epoch."""
+        s, p = self.streams[i], st.streams[i]
+        size = self.shuffle_buffer_size if self.shuffle else 1
+        while True:
+            while not p.done and len(p.buf) < size:
+                if self._iters[i] is None:
+                    self._iters[i] = self._open(i, p.position)
+                try:
+                    x, p.position = next(self._iters[i])
+                except StopIteration:
+                    p.done, self._iters[i] = True, None
+                    break
+                p.count += 1
+                if (item := self._make_item(i, x, p.count - 1)) is not None:
+                    p.buf.append(item)
+                    p.items += 1
+            if p.buf:
+                k = p.rng.randrange(len(p.buf)) if self.shuffle else 0
+                if self.shuffle:  # O(1) removal; the order is random anyway
+                    p.buf[k], p.buf[-1] = p.buf[-1], p.buf[k]
+                return p.buf.pop(-1 if self.shuffle else 0)
+            if not s.repeat or not p.items:
+                return None
+            p = st.streams[i] = _Pass(rep=p.rep + 1, rng=self._rng(s.name, p.rep + 1))  # the next pass, reshuffled
+
+    def _mix_next(self, st: "_State"):
+        """The mixture's next item; None (for good) once a non-repeating stream runs out."""
+        if st.ended:
+            return None
+        n = len(self.streams)
+        i = 0 if n == 1 else st.mux.choices(range(n), weights=[s.weight for s in self.streams])[0]
+        item = self._stream_next(st, i)
+        st.ended = item is None
+        return item
 
     def _mixture(self) -> Iterator:
-        streams = [self._stream_items(i) for i in range(len(self.streams))]
-        if len(streams) == 1:
-            return streams[0]
-        seed = self._rng("mux").randrange(2**31)
-        weights = [s.weight for s in self.streams]
-        return iter(LazyIteratorMultiplexer(*streams, weights=weights, seed=seed, stop_early=True))
+        """A fresh pass over the mixture (the bucket-edge estimate); the sampler's own state is untouched."""
+        saved, self._iters = self._iters, [None] * len(self.streams)
+        try:
+            st = self._fresh_state()
+            while (item := self._mix_next(st)) is not None:
+                yield item
+        finally:
+            self._iters = saved
 
     def _keep(self, item) -> bool:
         if item_cost(item) <= self.max_item_cost:
@@ -300,52 +433,67 @@ class InterleavingSampler(CutSampler):
         top = max(item_cost(it) for it in sample)
         return sorted(({int(b) for b in bins} | {top}) - {self.max_item_cost})
 
+    def _fill(self, st: "_State") -> None:
+        """Top the buckets up to ``buffer_size`` items from the filtered mixture."""
+        while st.buffered < self.buffer_size and (item := self._mix_next(st)) is not None:
+            if _take(st.left, _key(item)) or not self._keep(item):
+                continue
+            st.buckets[bisect_left(self.edges, item_cost(item))].append(item)
+            st.buffered += 1
+
+    def _capacity(self, k: int) -> int:
+        cap = max(1, self.max_tokens // self.edges[k])
+        return min(cap, self.max_batch_size) if self.max_batch_size else cap
+
+    def _choose_bucket(self, st: "_State", batches: int) -> int | None:
+        """A bucket holding ``batches`` full batches, else one full batch, else (the epoch's end) any items."""
+        self._fill(st)
+        for need in (batches, 1):
+            ready = [k for k, b in enumerate(st.buckets) if len(b) >= need * self._capacity(k)]
+            if ready:
+                return ready[st.bucket_rng.randrange(len(ready))] if len(ready) > 1 else ready[0]
+        if self.drop_last:
+            return None
+        left = [k for k, b in enumerate(st.buckets) if b]
+        return left[st.bucket_rng.randrange(len(left))] if len(left) > 1 else (left[0] if left else None)
+
+    def _draw_step(self, st: "_State") -> list[list]:
+        """The shared step: up to ``world_size`` batches (every rank draws them all and keeps its own); with
+        ``sync_buckets`` from one bucket while it lasts."""
+        batches, k = [], None
+        for _ in range(self.world_size):
+            if k is None or not self.sync_buckets or len(st.buckets[k]) < self._capacity(k):
+                k = self._choose_bucket(st, self.world_size - len(batches) if self.sync_buckets else 1)
+            if k is None:
+                break
+            bucket, cap = st.buckets[k], self._capacity(k)
+            batches.append(bucket[:cap])
+            del bucket[:cap]
+            st.buffered -= len(batches[-1])
+        return batches
+
     def __iter__(self) -> "InterleavingSampler":
         if self._just_restored_state:
             return self
         self.diagnostics.reset_current_epoch()
         self._index, self._consumed = 0, (0 if self._consumed is not None else None)
-        self._skipped, self._drawn_after = 0, {}
-        left = Counter(self._excluded)
-        items = Filter(
-            ((it,) for it in self._mixture() if not _take(left, _key(it))),  # 1-tuples, as Lhotse's batchers and diagnostics expect
-            predicate=lambda t: self._keep(t[0]),
-            diagnostics=self.diagnostics,
-        )
-        constraint = PaddedTokenConstraint(self.max_tokens, self.edges, self.max_batch_size)
-        if len(self.edges) > 1:
-            batches = DynamicBucketer(
-                items,
-                duration_bins=self.edges[:-1],
-                world_size=self.world_size,
-                constraint=constraint,
-                drop_last=self.drop_last,
-                buffer_size=self.buffer_size,
-                shuffle=self.shuffle,
-                rng=self._rng("in-bucket"),
-                bucket_rng=self._rng("bucket-choice") if self.sync_buckets else None,
-                diagnostics=self.diagnostics,
-            )
-        else:
-            batches = DurationBatcher(items, constraint=constraint, drop_last=self.drop_last, diagnostics=self.diagnostics)
-        self._batches = iter(batches)
+        self._skipped, self._drawn_after, self._snapshots = 0, {}, {}
+        self._iters = [None] * len(self.streams)
+        self._state = self._fresh_state()
         return self
-
-    def _next_batch(self) -> list:
-        return list(next(self._batches))
 
     def __next__(self) -> MixedBatch:
         self.allow_iter_to_reset_state()
-        batches = []
-        for _ in range(self.world_size):  # every rank builds the whole step, keeps its own batch
-            try:
-                batches.append(self._next_batch())
-            except StopIteration:
-                break
+        if self._state is None:
+            iter(self)
+        batches = self._draw_step(self._state)
         if not batches or (len(batches) < self.world_size and self.drop_last):
             raise StopIteration
         batch = MixedBatch(_spread(batches, self.world_size)[self.rank], self.epoch, self._index)
         self._drawn_after[self._index] = self._drawn(self._index) + len(batches)
+        self._snapshots[self._index] = self._state.copy()
+        if self._consumed is None:  # before mark_consumed is used: keep the last few (the DataLoader prefetches)
+            self._snapshots.pop(self._index - MAX_SNAPSHOTS, None)
         self._index += 1
         self.diagnostics.keep(batch)
         self.real_tokens += batch.real_tokens
@@ -355,7 +503,8 @@ class InterleavingSampler(CutSampler):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # counters belong to an epoch; state_dict() may come before the next iter()
             self._index, self._consumed = 0, (None if self._consumed is None else 0)
-            self._skipped, self._drawn_after, self._excluded = 0, {}, Counter()
+            self._skipped, self._drawn_after, self._excluded, self._snapshots = 0, {}, Counter(), {}
+            self._state = None
         super().set_epoch(epoch)
 
     def map(self, fn):
@@ -385,6 +534,8 @@ class InterleavingSampler(CutSampler):
         self._consumed = index + 1
         for i in [i for i in self._drawn_after if i < index]:  # only the consumed point is needed later
             del self._drawn_after[i]
+        for i in [i for i in self._snapshots if i < index]:
+            del self._snapshots[i]
 
     def _drawn(self, consumed: int) -> int:
         """Batches drawn from the shared stream (all DP ranks) once this rank's first ``consumed`` are done."""
@@ -392,20 +543,29 @@ class InterleavingSampler(CutSampler):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd.update(consumed=self.batches_consumed, marked=self._consumed is not None, edges=list(self.edges),
-                  drawn=self._drawn(self.batches_consumed), excluded=dict(self._excluded), config=self._fingerprint())
+        consumed = self.batches_consumed
+        snapshot = self._snapshots.get(consumed - 1)  # -1: the state a restore started from (None at epoch start)
+        if snapshot is None and self._drawn(consumed):
+            raise ValueError(f"no pipeline state for batch {consumed - 1}: mark_consumed lags more than "
+                             f"{MAX_SNAPSHOTS} batches behind the {self._index} yielded")
+        sd.update(consumed=consumed, marked=self._consumed is not None, edges=list(self.edges),
+                  drawn=self._drawn(consumed), excluded=dict(self._excluded), config=self._fingerprint(),
+                  pipeline=snapshot.to_dict() if snapshot is not None else None)
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue where the checkpoint's consumption ended. Every rank draws all ranks' batches of a step, so the
-        position is global: ``drawn`` batches of the epoch's stream. At the same DP size the stream is replayed up to
-        there. At another DP size the batching differs (buckets are drawn per step of ``world_size`` batches), so
-        the old stream is replayed to learn which items were consumed, and the epoch restarts without them: no
-        item of the epoch is seen twice or skipped. Those item keys stay in the state until the epoch ends
-        (memory and checkpoint size grow with the items consumed before a DP change)."""
+        position is global: ``drawn`` batches of the epoch's stream. At the same DP size the pipeline continues
+        from the stored state (source byte offsets, shuffle buffers, buckets, RNG states): O(1) in the position,
+        O(buffer sizes) to rebuild the buffered items. At another DP size the batching differs (buckets are drawn
+        per step of ``world_size`` batches), so the old stream is replayed (O(position)) to learn which items were
+        consumed, and the epoch restarts without them: no item of the epoch is seen twice or skipped. Those item
+        keys stay in the state until the epoch ends (memory and checkpoint size grow with the items consumed
+        before a DP change)."""
         sd = copy.deepcopy(dict(state_dict))  # Lhotse's loaders consume the dict they are given
         marked, self.edges, drawn = sd.pop("marked"), sd.pop("edges"), sd.pop("drawn")
         self._excluded = Counter(sd.pop("excluded"))
+        pipeline = sd.pop("pipeline", None)
         sd.pop("consumed")
         config = sd.pop("config")
         if config != self._fingerprint():
@@ -413,15 +573,23 @@ class InterleavingSampler(CutSampler):
         world, sd["world_size"] = sd["world_size"], self.world_size
         super().load_state_dict(sd)  # epoch, diagnostics, seed checks
         self._just_restored_state = False
-        world, self.world_size = self.world_size, world  # replay at the checkpoint's DP size
-        iter(self)
-        consumed = Counter()
-        for i in range(drawn):
-            try:
-                consumed.update(_key(it) for it in self._next_batch())
-            except StopIteration:
-                raise ValueError(f"epoch {self.epoch} has {i} batches, the checkpoint consumed {drawn}") from None
-        if world != self.world_size:
+        if world == self.world_size:
+            iter(self)
+            if pipeline is not None:
+                self._state = _State.from_dict(pipeline)
+                self._snapshots[-1] = self._state.copy()  # a checkpoint before the next batch stores it again
+            elif drawn:
+                raise ValueError("the checkpoint has no pipeline state for its position")
+        else:
+            world, self.world_size = self.world_size, world  # replay at the checkpoint's DP size
+            iter(self)
+            consumed, done = Counter(), 0
+            while done < drawn:
+                step = self._draw_step(self._state)
+                if not step:
+                    raise ValueError(f"epoch {self.epoch} has {done} batches, the checkpoint consumed {drawn}")
+                consumed.update(_key(it) for b in step[: drawn - done] for it in b)
+                done += len(step)
             self.world_size, self._excluded = world, self._excluded + consumed
             iter(self)
             drawn = 0
@@ -443,17 +611,11 @@ def _open_source(s: Stream):
     if s.kind == "text":
         if isinstance(s.source, (str, Path)):
             check_text_file(s.source)  # now, not mid-epoch: non-UTF-8 bytes or an empty file name file and line
-        return s.source  # a path (read on each pass) or a re-iterable of strings
+            return TextFile(s.source)
+        return s.source  # a re-iterable of strings
     if isinstance(s.source, (str, Path)):
         return CutSet(ManifestCuts(s.source)) if ".jsonl" in str(s.source) else load_manifest_lazy_or_eager(s.source, CutSet)
     return s.source
-
-
-def _text_lines(name: str, source) -> Iterator[tuple[str, str]]:
-    if isinstance(source, (str, Path)):
-        yield from ((f"{name}:{i - 1}", line.strip()) for i, line in read_lines(source) if line.strip())
-    else:
-        yield from ((f"{name}:{i}", text) for i, text in enumerate(source) if text.strip())
 
 
 def _key(item) -> str:
