@@ -1,4 +1,4 @@
-"""CPU training-step time of our tiny JSTIPModel next to NeMo's speechlm2 SALM, same sizes, same batch (issue #4).
+"""CPU training-step time of our tiny JSTIPModel next to NeMo's speechlm2 SALM, same sizes, same batch.
 
 Why: SALM (plain LightningModule + HF Llama) is the reference speech-LLM of NeMo 3.0; our Megatron-based model
 should not train slower than it at equal size. One process builds both and times them alternately:

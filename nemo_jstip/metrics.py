@@ -1,4 +1,4 @@
-"""WER, entity accuracy and spoken-QA accuracy (JSTIP.md, "How results are measured"), and two systems' entity
+"""WER, entity accuracy and spoken-QA accuracy (docs/method.md#how-results-are-measured), and two systems' entity
 mentions paired (McNemar), for comparisons that seed means alone cannot settle.
 
 Normalisation is Whisper's English normaliser (lowercase, punctuation, spelled-out and written numbers alike),

@@ -1,4 +1,4 @@
-"""ASR / interleaved / text-only examples -> token ids, audio placeholder layout and labels (JSTIP.md steps 4-6).
+"""ASR / interleaved / text-only examples -> token ids, audio placeholder layout and labels (docs/method.md#example-layouts).
 
 Runs in DataLoader workers and returns numpy arrays, so the model only gathers encoder frames into the
 placeholder positions and applies a masked cross-entropy. Layouts (``[...]`` only with ``cfg.markers``):

@@ -1,4 +1,4 @@
-"""JSTIP span planner: cut an aligned utterance into alternating speech/text spans (JSTIP.md step 3).
+"""JSTIP span planner: cut an aligned utterance into alternating speech/text spans (docs/method.md#interleaving).
 
 A plan depends only on (seed, epoch, cut id) and the config, so every data-parallel rank and every resumed run
 draws the same spans for the same cut, and a new epoch draws new ones.
