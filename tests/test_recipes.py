@@ -19,7 +19,7 @@ CONF = Path(__file__).parents[1] / "conf"
 GPU = ["pretrained.asr_nemo=/models/asr.nemo", "pretrained.hf_llm=/models/Llama-3.2-1B"]
 FINETUNE = ["model.init_from_nemo=/models/stage1.nemo"]
 RECIPES = {"jstip_tiny": [], "jstip_tiny_asr_finetune": FINETUNE, "jstip_gpu_1b": GPU, "jstip_repro": [],
-           "jstip_smollm2": []}  # but eval
+           "jstip_smollm2": [], "jstip_demo": []}  # not the eval/transcribe scripts' configs
 TRAIN = "{c}/general_train_cuts.jsonl"  # sources, {c} = data.corpus_dir
 TEXT = ["{c}/medical_text.txt", "{c}/banking_text.txt"]
 TTS = ["{c}/medical_textspeech_cuts.jsonl", "{c}/banking_textspeech_cuts.jsonl"]
@@ -69,8 +69,15 @@ def expected(mixture: str, corpus: str) -> list[tuple]:
 
 
 def test_every_recipe_and_mixture_is_listed():
-    assert {p.stem for p in CONF.glob("*.yaml")} - {"jstip_eval"} == set(RECIPES)
+    assert {p.stem for p in CONF.glob("*.yaml")} - {"jstip_eval", "jstip_transcribe"} == set(RECIPES)
     assert {p.stem for p in (CONF / "mixture").glob("*.yaml")} == set(MIXTURES)
+
+
+def test_demo_starts_from_committed_files():
+    cfg = recipe("jstip_demo", "data.corpus_dir=/c")
+    assert streams(cfg) == expected("jstip_word_transcripts", "/c")
+    for path in (cfg.model.init_from_nemo, cfg.pretrained.hf_llm, cfg.pretrained.asr_encoder):
+        assert (CONF.parent / path).exists(), path
 
 
 @pytest.mark.parametrize("base", ["jstip_tiny", "jstip_gpu_1b"])
@@ -228,7 +235,7 @@ def test_own_domain_text_is_the_only_text_source(tiny_corpus, tokenizer, tmp_pat
     assert all(i.startswith("domain_text:") for i, _ in text)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="empty.txt' is empty"):
+    with pytest.raises(ValueError, match="empty.txt: empty"):
         first_batches(recipe("jstip_tiny", f"data.corpus_dir={tiny_corpus}", f"data.domain_text={empty}", *FAST),
                       tokenizer)
 
