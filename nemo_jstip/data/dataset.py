@@ -59,6 +59,7 @@ from lhotse.cut import Cut
 from nemo_jstip.data.examples import IGNORE, Example, ExampleBuilder, example_cost
 from nemo_jstip.data.interleave import TEXT
 from nemo_jstip.data.sampler import COST_KEY, KIND_KEY, SAMPLER_PROBLEMS, STREAM_KEY
+from nemo_jstip.data.tarred import TAR_AUDIO_KEY, load_tar_audio
 
 __all__ = ["DatasetConfig", "JSTIPDataset", "BadInputError", "PROBLEMS", "CostFn", "make_cost_fn", "kind_of"]
 
@@ -328,6 +329,12 @@ class JSTIPDataset(torch.utils.data.Dataset):
         if missing := [s.source for s in _sources(cut) if s.type == "file" and not os.path.isfile(s.source)]:
             return self._bad("missing_audio", cut.id, f"no such audio file {', '.join(missing)}", problems)
         try:
+            cut = load_tar_audio(cut)
+        except FileNotFoundError as e:
+            return self._bad("missing_audio", cut.id, str(e), problems)
+        except OSError as e:
+            return self._bad("unreadable_audio", cut.id, str(e), problems)
+        try:
             audio = cut.load_audio()
         except Exception as e:  # soundfile / ffmpeg / lhotse errors: the message names the reason
             if why := _rate_mismatch(cut):
@@ -439,6 +446,8 @@ def _sources(cut: Cut) -> list:
 def _files(cut: Cut) -> str:
     """The audio file(s) behind a cut, for error messages."""
     sources = [str(s.source) for s in _sources(cut) if s.type in ("file", "url", "command")]
+    if tar := ((cut.custom or {}).get(TAR_AUDIO_KEY) or [None])[0]:
+        sources.append(f"{tar} (member of cut {cut.id})")
     return ", ".join(sources) or f"(recording of cut {cut.id})"
 
 

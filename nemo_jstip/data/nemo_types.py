@@ -7,6 +7,9 @@ register two types, so NeMo's ``read_cutset_from_config`` (and any NeMo recipe) 
   cut manifest whose cuts are tagged with the kind (``custom["jstip_kind"]``, on copies); relative audio paths
   resolve against the manifest, as with NeMo's ``lhotse`` type. ``kind: text`` trains on the transcripts as text
   only (the audio is never read): the control that gives a mixture interleaving's transcript text without speech.
+  Instead of ``cuts_path``: ``shar_path: DIR`` (a Lhotse Shar directory with a ``recording`` field), or NeMo's
+  ``manifest_filepath`` + ``tarred_audio_filepaths`` + ``sampling_rate`` (kinds ``asr`` and ``text``); the
+  sampler's process reads their metadata only, the workers read each clip from its tar (``data/tarred.py``).
 * ``jstip_text``: ``{type: jstip_text, paths: PATH | [PATH, ...]}``, domain text, one sentence per line, as NeMo
   ``TextExample`` items tagged ``text``; blank lines are skipped; finite (the sampler repeats it); not tarred,
   so it mixes with ``jstip_cuts`` in a NeMo ``input_cfg``. A missing or empty file is an error when it is read.
@@ -49,6 +52,7 @@ from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
 from nemo_jstip.data.manifest import ManifestCuts, TextFile, check_text_file
 from nemo_jstip.data.sampler import KIND_KEY, KINDS, InterleavingSampler, Stream
+from nemo_jstip.data.tarred import NemoTarredCuts, SharCuts
 
 __all__ = ["read_jstip_cuts", "read_jstip_text", "register", "streams_from_input_cfg", "build_dataloader"]
 
@@ -67,12 +71,23 @@ def read_jstip_cuts(config) -> tuple[CutSet, bool]:
     kind = config.get("kind")
     if kind not in KINDS:
         raise ValueError(f"jstip_cuts needs kind: {' | '.join(KINDS)}, got {kind!r} ({config.get('cuts_path')})")
+    tag = partial(_tag, kind=kind)
+    if config.get("shar_path"):
+        return CutSet(SharCuts(config.shar_path, tag)), False
+    if config.get("tarred_audio_filepaths"):
+        if kind == "interleaved":
+            raise ValueError(f"jstip_cuts: NeMo tarred manifests hold no word alignments, so kind: interleaved "
+                             f"cannot use them ({config.manifest_filepath}); write the cuts as Lhotse Shar")
+        if not config.get("sampling_rate"):
+            raise ValueError(f"jstip_cuts: NeMo tarred manifests need sampling_rate ({config.manifest_filepath})")
+        return CutSet(NemoTarredCuts(config.manifest_filepath, config.tarred_audio_filepaths,
+                                     config.sampling_rate, tag)), False
     paths = expand_sharded_filepaths(config.cuts_path)
     if all(".jsonl" in str(p) for p in paths):
         return CutSet(JstipCuts(paths, kind)), False
     parts = [CutSet.from_file(p).map(partial(resolve_relative_paths, manifest_path=p)) for p in paths]
     cuts = parts[0] if len(parts) == 1 else CutSet(LazyIteratorChain(*parts))
-    return cuts.map(partial(_tag, kind=kind)), False
+    return cuts.map(tag), False
 
 
 def _chain_from(files: list, position, convert) -> Iterator:
