@@ -140,6 +140,9 @@ def test_jstip_text_takes_a_file_or_a_list_and_names_missing_empty_or_non_utf8_f
 
     assert read(str(a)) == ["first sentence", "second sentence"]
     assert read([str(a), str(b)]) == ["first sentence", "second sentence", "third"]
+    for k in range(3):  # text shards named with NeMo's brace pattern
+        (tmp_path / f"shard_{k}.txt").write_text(f"shard {k} line\n")
+    assert read(str(tmp_path / "shard__OP_0..2_CL_.txt")) == ["shard 0 line", "shard 1 line", "shard 2 line"]
     for paths, error, match in [(str(tmp_path / "nope.txt"), FileNotFoundError, "nope.txt: no such file"),
                                 ([str(a), str(blank)], ValueError, "blank.txt: empty"),
                                 ([str(a), str(latin)], ValueError, r"latin1.txt:3: not UTF-8 text \(byte b'\\xe9' at column 2\)"),
