@@ -16,6 +16,7 @@ gave, so a restored model needs neither file.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -62,6 +63,12 @@ class JSTIPStage(torch.nn.Module):
         # what finalize_model_grads reads with PP > 1 (embedding-grad all-reduce between the first and last stage)
         self.pre_process, self.post_process = gpt.pre_process, gpt.post_process
         self.share_embeddings_and_output_weights = gpt.share_embeddings_and_output_weights
+        if perception is not None and self.config.tensor_model_parallel_size > 1 and (
+                perception.split_over_tp or self.config.sequence_parallel):
+            # each TP rank's gradient of the (replicated) perception covers only its clips (split_over_tp) or the
+            # frames spliced into its positions (SP): the engine sums them over TP (parallel/engine.py)
+            for p in perception.parameters():
+                p.partial_grad_over_tp = True
 
     def set_input_tensor(self, tensor) -> None:
         self.gpt.set_input_tensor(tensor)
@@ -70,16 +77,27 @@ class JSTIPStage(torch.nn.Module):
         return self.gpt.shared_embedding_or_output_weight()
 
     def embed(self, batch: dict) -> torch.Tensor:
-        """Token embeddings with the encoder frames spliced in at the placeholders: [L, B, H] (SP-scattered)."""
-        emb = self.gpt.embedding.word_embeddings(batch["input_ids"])  # [B, L, H]
-        item = batch["audio_item"]
+        """Token embeddings with the encoder frames spliced in at the placeholders: [L, B, H], or under sequence
+        parallelism this TP rank's positions [L / TP, B, H]. There Megatron's embedding reduce-scatters its vocab
+        shards straight into position shards, and the splice fills only the positions this rank holds (the frames
+        of all clips are on every TP rank)."""
+        words = self.gpt.embedding.word_embeddings
+        emb = words(batch["input_ids"])  # [B, L, H], or [L / TP, B, H] when it reduce-scatters
+        item, frame = batch["audio_item"], batch.get("audio_frame")
+        scattered = words.reduce_scatter_embeddings  # read per call: generation turns SP off (modules/generate.py)
+        if scattered:
+            tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+            item, frame = (t.chunk(tp, dim=1)[rank] if t is not None else None for t in (item, frame))
+        else:
+            emb = emb.transpose(0, 1)
         if batch.get("audio") is not None and batch["audio"].shape[0] > 0:
-            frames, frame_lens = self.perception(batch["audio"], batch["audio_lens"])
-            m = item >= 0
-            spliced = frames[item[m], batch["audio_frame"][m]].to(emb.dtype)
+            # under SP each rank's frame gradients cover only its positions: the perception's gather sums them
+            frames, _ = self.perception(batch["audio"], batch["audio_lens"], partial_grads=self.config.sequence_parallel)
+            m = item.T >= 0  # [positions, B], as emb
+            spliced = frames[item.T[m], frame.T[m]].to(emb.dtype)
             emb = emb.index_put(torch.nonzero(m, as_tuple=True), spliced)
-        emb = emb.transpose(0, 1).contiguous()
-        if self.config.sequence_parallel:
+        emb = emb.contiguous()
+        if self.config.sequence_parallel and not scattered:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
 
@@ -205,14 +223,18 @@ class JSTIPModel(ModelPT):
         )
 
     @property
+    def layout(self) -> ParallelLayout:
+        """The parallel layout in effect: the strategy's, else the one ``init_parallel`` set up."""
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        return getattr(strategy, "layout", None) or ParallelLayout.current()
+
+    @property
     def engine(self) -> MegatronEngine:
         """The Megatron training engine around the stage (built on first use; see parallel/engine.py)."""
         if self._engine is None:
-            strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
-            layout = getattr(strategy, "layout", None) or ParallelLayout.current()
             cfg = EngineConfig(use_distributed_optimizer=self.use_distributed_optimizer,
                                max_grad_norm=self.cfg.get("max_grad_norm"))
-            engine = MegatronEngine(self.stage, layout, cfg, self.tokenizer.pad_token_id or 0)
+            engine = MegatronEngine(self.stage, self.layout, cfg, self.tokenizer.pad_token_id or 0)
             logging.info(engine.describe())
             self.__dict__["_engine"] = engine  # not a submodule: same parameters, no duplicate state-dict keys
         return self._engine
@@ -321,6 +343,13 @@ class JSTIPModel(ModelPT):
         if cfg.setdefault("interleave", model_interleave) != model_interleave:
             raise ValueError(f"data interleave {cfg['interleave']} differs from model.interleave {model_interleave}: "
                              "drop the data section's own (it follows model.interleave)")
+        # sequence/context parallelism split every sequence: its length must divide (the engine checks it again)
+        dataset = cfg["dataset"] = dict(cfg.get("dataset") or {})
+        asked, needed = int(dataset.get("pad_to_multiple", 1)), self.layout.sequence_multiple
+        dataset["pad_to_multiple"] = math.lcm(asked, needed)
+        if dataset["pad_to_multiple"] != asked:
+            logging.info(f"dataset.pad_to_multiple {asked} -> {dataset['pad_to_multiple']} (a multiple of {needed}: "
+                         f"{self.layout.describe()})")
         return build_dataloader(cfg, self.tokenizer, self.frame_spec, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
 
     def setup_training_data(self, cfg):

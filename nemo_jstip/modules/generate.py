@@ -33,12 +33,22 @@ NeMo's ``ConformerEncoder`` also all-reduces over the WORLD group in each forwar
 ``sync_max_audio_length: false``; with it on, ranks that decode different numbers of speech batches (data
 parallel, or only some ranks decoding) wait for each other forever.
 
-Not supported: pipeline parallelism (raise), sequence or context parallelism (raise), beam search.
+* Sequence parallelism: a decode step feeds one position, which cannot be split over TP ranks. As Megatron's
+  own inference does for dense models (``set_model_to_sequence_parallel(model, False)`` in its text generation
+  controller), generation runs with SP off: every module's ``sequence_parallel`` / ``scatter_to_sequence_parallel``
+  / ``reduce_scatter_embeddings`` flag and ``config.sequence_parallel`` are False while it runs and restored after,
+  so the layers all-reduce whole sequences instead (the same function, the same weights).
+
+Not supported: pipeline parallelism (raise), context parallelism (raise), beam search.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+_SP_FLAGS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 
 __all__ = ["greedy_generate", "decode_text"]
 
@@ -48,8 +58,8 @@ def _check_stage(stage, padded: bool) -> None:
     if not (gpt.pre_process and gpt.post_process):
         raise NotImplementedError("greedy_generate needs the whole model on one stage (pipeline size 1)")
     cfg = gpt.config
-    if cfg.sequence_parallel or cfg.context_parallel_size > 1:
-        raise NotImplementedError("greedy_generate does not support sequence or context parallelism")
+    if cfg.context_parallel_size > 1:
+        raise NotImplementedError("greedy_generate does not support context parallelism")
     if padded:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -78,6 +88,27 @@ def _prompt_mask(batch: dict) -> torch.Tensor:
         raise ValueError("prompts must be LEFT-padded (DatasetConfig(prompt=True)): attention_mask has a gap "
                          "or padding at the end")
     return mask
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model: torch.nn.Module):
+    """``model`` (a ``GPTModel`` or a stage around one) without sequence parallelism while the block runs: the
+    flags Megatron's modules read at run time set to False, then restored to what they were."""
+    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in _SP_FLAGS
+             if isinstance(getattr(m, name, None), bool) and getattr(m, name)]
+    configs = {id(m.config): m.config for m in model.modules()
+               if getattr(getattr(m, "config", None), "sequence_parallel", False)}
+    for m, name, _ in saved:
+        setattr(m, name, False)
+    for c in configs.values():
+        c.sequence_parallel = False
+    try:
+        yield model
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+        for c in configs.values():
+            c.sequence_parallel = True
 
 
 @torch.no_grad()
@@ -123,7 +154,7 @@ def greedy_generate(stage, batch: dict, max_new_tokens: int, eos_id: int, pad_id
     modes = {m: m.training for m in stage.modules()}
     stage.eval()  # no dropout; Megatron's KV-cache path is written for eval mode
     try:
-        with InferenceMode.active():
+        with InferenceMode.active(), sequence_parallel_off(stage):
             logits = gpt(None, None, prefill_mask, decoder_input=stage.embed(batch), inference_context=ctx,
                          runtime_gather_output=True)  # [B, 1, V_pad]: last position only, gathered over TP
             ctx.sequence_len_offset += L

@@ -131,9 +131,12 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> 
 
 
 def transformer_config(cfg: LLMConfig, **overrides):
-    """megatron ``TransformerConfig`` for ``cfg`` with the current parallel sizes (from ``parallel_state``)."""
+    """megatron ``TransformerConfig`` for ``cfg`` with the current parallel layout (sizes from ``parallel_state``,
+    sequence parallelism as ``init_parallel`` recorded it)."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from nemo_jstip.parallel.layout import ParallelLayout
 
     spec = resolve_layer_spec(cfg.layer_spec)
     if cfg.fp8 is not None and spec != "te":
@@ -164,6 +167,7 @@ def transformer_config(cfg: LLMConfig, **overrides):
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         context_parallel_size=ps.get_context_parallel_world_size(),
+        sequence_parallel=ParallelLayout.current().sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         gradient_accumulation_fusion=False,  # needs Megatron DDP's main_grad and a fused wgrad kernel
         bias_dropout_fusion=fused,
@@ -189,9 +193,58 @@ def layer_spec(cfg: LLMConfig):
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
         spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
+        spec = _with_torch_norms(spec)
     if cfg.train_mode == "lora":
         spec = _lora_layer_spec(spec, cfg)
     return spec
+
+
+class TorchNorm:
+    """The local spec's norm: Megatron's ``WrappedTorchNorm`` (torch ``LayerNorm`` / ``RMSNorm``), which refuses
+    sequence parallelism, made to run under it. With SP each TP rank normalises only its L / TP positions, so each
+    rank's gradient of the (replicated) norm weights covers only its positions: the parameters are marked
+    ``sequence_parallel`` and Megatron's ``finalize_model_grads`` sums their gradients over TP, as it does for
+    TE's and apex's norms, which mark themselves. Without SP it builds exactly what ``WrappedTorchNorm`` builds."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization {config.normalization!r} under sequence parallelism: use one of "
+                             f"{sorted(norms)}")
+        norm = norms[config.normalization](hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+
+def _with_torch_norms(spec):
+    """The local layer spec with every ``WrappedTorchNorm`` (input, pre-MLP, q/k norms) replaced by ``TorchNorm``."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    def swap(sub, *names):
+        return dataclasses.replace(sub, **{n: TorchNorm for n in names if getattr(sub, n, None) is WrappedTorchNorm})
+
+    sub = spec.submodules
+    attn = dataclasses.replace(sub.self_attention,
+                               submodules=swap(sub.self_attention.submodules, "q_layernorm", "k_layernorm"))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(
+        swap(sub, "input_layernorm", "pre_mlp_layernorm"), self_attention=attn))
+
+
+def block_spec(cfg: LLMConfig, config, vp_stage: int | None = None):
+    """This pipeline stage's decoder spec: ``layer_spec`` for each of its layers, and with the local spec its own
+    final norm (``TorchNorm``; Megatron would pick ``WrappedTorchNorm`` for a bare layer spec without TE or apex)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = layer_spec(cfg)
+    if resolve_layer_spec(cfg.layer_spec) == "te":
+        return spec  # Megatron's block: TE's final norm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=TorchNorm)
 
 
 @functools.cache
@@ -240,7 +293,7 @@ def build_llm(cfg: LLMConfig, *, pre_process: bool | None = None, post_process: 
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=block_spec(cfg, config, vp_stage),
         vocab_size=padded_vocab_size(
             cfg.vocab_size, cfg.make_vocab_size_divisible_by, config.tensor_model_parallel_size
         ),
@@ -402,7 +455,6 @@ def _lora_class(base: type, parallel: Literal["column", "row"]) -> type:
             tp, rank = (1, 0) if self.lora_group is None else (self.lora_group.size(), self.lora_group.rank())
             self.lora_scale = lora_alpha / lora_rank
             self.lora_glu = lora_glu  # linear_fc1 of a SwiGLU MLP: B's rows are [gate shard; up shard]
-            self.lora_sequence_parallel = config.sequence_parallel
             self.lora_dropout = torch.nn.Dropout(lora_dropout) if lora_dropout > 0 else torch.nn.Identity()
             # A is drawn whole from the CPU generator (identical on all TP ranks), then split: the same adapter at
             # any TP size. B starts at zero, so a fresh adapter leaves the model's output unchanged.
@@ -429,7 +481,7 @@ def _lora_class(base: type, parallel: Literal["column", "row"]) -> type:
             group = self.lora_group
             if parallel == "column":  # x whole (or split by sequence): h whole, then this rank's output rows
                 h = F.linear(self.lora_dropout(x), self.lora_a)
-                if self.lora_sequence_parallel:
+                if self.sequence_parallel:  # the base linear's flag (generation turns it off, modules/generate.py)
                     h = tpl.gather_from_sequence_parallel_region(h, group=group)
                 else:  # identity forward; backward sums dh over ranks, so A's grad is whole
                     h = tpl.copy_to_tensor_model_parallel_region(h, group=group)
@@ -437,7 +489,7 @@ def _lora_class(base: type, parallel: Literal["column", "row"]) -> type:
             with tpl.get_cuda_rng_tracker().fork():  # x is split by features: dropout per TP rank
                 x = self.lora_dropout(x)
             h = F.linear(x, self.lora_a)  # partial sums over this rank's input features
-            if self.lora_sequence_parallel:
+            if self.sequence_parallel:
                 h = tpl.reduce_scatter_to_sequence_parallel_region(h, group=group)
             else:
                 h = tpl.reduce_from_tensor_model_parallel_region(h, group=group)

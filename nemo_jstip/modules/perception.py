@@ -18,6 +18,7 @@ Config (keys 1:1 with the code)::
     freeze_adapter: false
     encoder_cache_mb: 0            # > 0: memoise the frozen encoder's outputs (see SpeechPerception.encode)
     encoder_cache_dir: null        # and keep them on disk too, per encoder fingerprint, for later runs and resumes
+    split_over_tp: true            # under TP/CP: each rank encodes its share of the clips (SpeechPerception.forward)
 
 Precision: the module runs under ``torch.autocast("cuda", dtype=torch.bfloat16)`` (the preprocessor disables
 autocast itself and computes features in fp32). Only the LLM's Transformer Engine layers run FP8; the encoder and
@@ -95,6 +96,47 @@ def _resolved(section: str, kw: dict) -> dict[str, Any]:
 
 def _valid_mask(lens: torch.Tensor, t: int) -> torch.Tensor:
     return torch.arange(t, device=lens.device) < lens[:, None]
+
+
+class SplitBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` whose training-mode statistics are those of the whole batch while its clips are encoded in
+    shares on several ranks (``split_over_tp``): the per-channel sums over this rank's clips (padding clips
+    weighted 0) are all-reduced over ``group`` with autograd, so outputs, gradients and running statistics equal
+    one rank's on the whole batch, and the running statistics stay identical on the ranks of the group.
+    Outside a split (``group`` None), in eval mode, it is ``BatchNorm1d``; same parameters and state-dict keys."""
+
+    group = None  # set for one forward by SpeechPerception._split_forward
+    clip_weights: torch.Tensor | None = None  # [B]: 1 for this rank's real clips, 0 for padding ones
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, T]
+        if self.group is None or not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf, w = x.float(), self.clip_weights.to(x.device, torch.float32)[:, None, None]
+        n_local = (w.sum() * x.shape[2]).reshape(1)
+        sums = all_reduce(torch.cat([(xf * w).sum((0, 2)), n_local]), group=self.group)
+        n, mean = sums[-1], sums[:-1] / sums[-1]
+        centred = xf - mean[:, None]
+        var = all_reduce((centred.square() * w).sum((0, 2)), group=self.group) / n  # two passes, as torch's
+        y = centred * torch.rsqrt(var + self.eps)[:, None]
+        if self.affine:
+            y = y * self.weight[:, None] + self.bias[:, None]
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)  # unbiased, as torch's
+        return y.to(x.dtype)
+
+
+def _split_batch_norms(module: nn.Module) -> None:
+    """Make every ``nn.BatchNorm1d`` below ``module`` a ``SplitBatchNorm1d`` (the same object, parameters and
+    buffers: only its forward changes)."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm1d:
+            m.__class__ = SplitBatchNorm1d
 
 
 class FrameStackAdapter(nn.Module):
@@ -178,6 +220,9 @@ class SpeechPerception(nn.Module):
             raise ValueError("perception.encoder_cache_dir keeps memoised encoder outputs on disk: it needs "
                              "encoder_cache_mb > 0 (and a frozen encoder without spec_augment)")
         self._cache_dir: str | None = None  # cache_root/<fingerprint of the weights and configs>, set lazily
+        self.split_over_tp = bool(cfg.get("split_over_tp", True))
+        if self.split_over_tp:
+            _split_batch_norms(self.encoder)
         self.set_frozen(encoder=cfg.get("freeze_encoder", False), adapter=cfg.get("freeze_adapter", False))
 
     @property
@@ -261,13 +306,64 @@ class SpeechPerception(nn.Module):
             self.adapter.eval()
         return self
 
-    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor, *,
+                partial_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, T] float, audio_lens [B] -> frames [B, T', output_size] (zero past each length), frame_lens [B].
 
         T' = max(frame_lens) and frame_lens == ``self.frame_spec.num_frames_batch(audio_lens)``.
+
+        Under tensor (and context) parallelism every rank of a TP x CP group holds the same batch. With
+        ``split_over_tp`` each encodes only its share of the clips and the frames are all-gathered (with autograd),
+        instead of every rank encoding every clip; see :meth:`_split_forward`. ``partial_grads``: whether each TP
+        rank's gradient of the frames covers only its own positions (sequence parallelism) rather than all of them.
         """
+        from megatron.core import parallel_state as ps
+
+        if (self.split_over_tp and ps.model_parallel_is_initialized()
+                and ps.get_tensor_model_parallel_world_size() * ps.get_context_parallel_world_size() > 1):
+            return self._split_forward(audio, audio_lens.long(), partial_grads)
         enc, enc_lens = self.encode(audio, audio_lens.long())
         return self.adapter(enc, enc_lens)
+
+    def _split_forward(self, audio: torch.Tensor, audio_lens: torch.Tensor,
+                       partial_grads: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clips cut into TP x CP equal shares (the count padded with copies of the last clip); share
+        ``cp_rank * TP + tp_rank`` is encoded here, at the batch's full audio length, so that every share sees the
+        batch's padding (BatchNorm statistics include padded positions), under the TP rank's RNG stream (dropout,
+        dither, SpecAugment draw differently per share). BatchNorm statistics cover the whole batch
+        (``SplitBatchNorm1d``). The frames, padded to the batch's T', are all-gathered over TP, then CP.
+
+        Gradients: Megatron's gather returns each rank the gradient of its own share. Over CP each rank's loss
+        covers its own positions, so the CP gather sums them; over TP they are either the same on every rank
+        (then the gather takes this rank's rows) or, under SP, partial per rank (then it sums them). The
+        perception's parameter gradients then cover this rank's clips only: the engine sums them over TP
+        (``partial_grad_over_tp``), data-parallel DDP over DP x CP."""
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+        share = ps.get_context_parallel_rank() * tp + ps.get_tensor_model_parallel_rank()
+        n = audio.shape[0]
+        k = -(-n // (tp * cp))  # clips per share
+        idx = torch.arange(share * k, (share + 1) * k, device=audio.device)
+        real = idx < n
+        idx = idx.clamp(max=n - 1)
+        norms = [m for m in self.encoder.modules() if isinstance(m, SplitBatchNorm1d)]
+        for m in norms:
+            m.group, m.clip_weights = ps.get_tensor_and_context_parallel_group(), real
+        try:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                frames, _ = self.adapter(*self.encode(audio[idx], audio_lens[idx]))
+        finally:
+            for m in norms:
+                m.group = m.clip_weights = None
+        frame_lens = self.frame_spec.num_frames_batch(audio_lens)
+        frames = nn.functional.pad(frames, (0, 0, 0, int(frame_lens.max()) - frames.shape[1]))
+        frames = tensor_parallel.gather_from_sequence_parallel_region(
+            frames, tensor_parallel_output_grad=partial_grads, group=ps.get_tensor_model_parallel_group())
+        frames = tensor_parallel.gather_from_sequence_parallel_region(
+            frames, tensor_parallel_output_grad=True, group=ps.get_context_parallel_group())
+        return frames[:n], frame_lens.to(device=frames.device, dtype=torch.long)
 
     def _encode(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mel, mel_lens = self.preprocessor(input_signal=audio.float(), length=audio_lens)

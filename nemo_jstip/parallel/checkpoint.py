@@ -103,7 +103,9 @@ def load_training(path, model) -> tuple[dict, dict]:
     returns (trainer state, this rank's state)."""
     state = load_trainer_state(path)
     saved, distributed = state.pop("layout"), state.pop("distributed_optimizer")
-    now = ParallelLayout.current().as_dict()
+    # sequence parallelism shards no weight and no state: the sizes alone say whether this is a reshard
+    saved = {**saved, "sequence_parallel": False}
+    now = {**ParallelLayout.current().as_dict(), "sequence_parallel": False}
     if model.engine.optimizer is not None and distributed != model.engine.cfg.use_distributed_optimizer:
         raise CheckpointError(f"{checkpoint_dir(path)}: saved with use_distributed_optimizer={distributed}, this run "
                               f"has {model.engine.cfg.use_distributed_optimizer}; their optimizer states differ")
@@ -141,7 +143,8 @@ def load_rank_state(path, saved_layout: dict) -> dict:
     """This rank's own file at the same layout; otherwise the file of the rank with the same DP and PP rank where
     those exist (else 0) and TP = CP rank 0: RNG streams do not map exactly across layouts."""
     folder = checkpoint_dir(path)
-    me, now = coordinates(), ParallelLayout.current().as_dict()
+    me, now = coordinates(), {**ParallelLayout.current().as_dict(), "sequence_parallel": False}
+    saved_layout = {**saved_layout, "sequence_parallel": False}
     if saved_layout == now:
         rank = torch.distributed.get_rank()
     else:  # Megatron's default rank order (tp-cp-ep-dp-pp), at the saved sizes

@@ -25,15 +25,20 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from nemo_jstip.parallel import cpu
+from nemo_jstip.parallel import cpu, layout
+from nemo_jstip.parallel.layout import ParallelLayout
 
 
 def init_parallel(
-    tp: int = 1, pp: int = 1, *, vpp: int | None = None, cp: int = 1, seed: int = 1234, timeout_s: float = 300
+    tp: int = 1, pp: int = 1, *, vpp: int | None = None, cp: int = 1, seed: int = 1234, timeout_s: float = 300,
+    sequence_parallel: bool = False,
 ) -> None:
-    """Initialise torch.distributed (if needed), Megatron's model-parallel groups and RNG state."""
+    """Initialise torch.distributed (if needed), Megatron's model-parallel groups and RNG state.
+    ``sequence_parallel`` (TP >= 2) is recorded for ``ParallelLayout.current()``, which models built afterwards
+    read (``modules/llm.transformer_config``)."""
     from megatron.core import parallel_state, tensor_parallel
 
+    ParallelLayout(tp=tp, pp=pp, cp=cp, sequence_parallel=sequence_parallel)  # checks the sizes before any group
     cpu.apply()
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
@@ -52,6 +57,7 @@ def init_parallel(
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
     )
+    layout._sequence_parallel = sequence_parallel
     # As Megatron-LM's _set_random_seed: stages differ (their layers must not start equal), TP and DP
     # ranks agree (CPU-initialised weights are drawn whole, then split: the same at any TP size).
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -69,6 +75,7 @@ def destroy_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    layout._sequence_parallel = False
     if dist.is_initialized():
         dist.destroy_process_group()
 

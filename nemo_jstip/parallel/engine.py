@@ -14,7 +14,12 @@ The engine says how it trains:
 * the schedule: Megatron's forward-backward over ``num_microbatches`` batches (1F1B with PP), with the per-token
   loss summed over microbatches and normalised over all data- and context-parallel ranks
   (``calculate_per_token_loss``);
-* the context-parallel split of every sequence tensor, and an idle batch for a rank whose batches were all
+* gradient reduction beyond Megatron's: parameters marked ``partial_grad_over_tp`` (the speech perception when
+  each TP rank encodes only its share of the clips, or under sequence parallelism) are replicated over TP but
+  their gradients on each rank cover only its share, so they are summed over TP after Megatron's
+  ``finalize_model_grads`` (which does the same for its own ``sequence_parallel`` parameters);
+* the sequence-length check (a multiple of TP with sequence parallelism, of 2 x CP with context parallelism),
+  the context-parallel split of every sequence tensor, and an idle batch for a rank whose batches were all
   dropped as bad input (it still joins every collective);
 * the loss and token count reported on every rank (broadcast from the last stage).
 
@@ -68,9 +73,29 @@ class MegatronEngine:
                                           use_distributed_optimizer=cfg.use_distributed_optimizer),
             stage,
         )
-        stage.config.finalize_model_grads_func = finalize_model_grads
+        self._partial_over_tp = [p for p in stage.parameters() if getattr(p, "partial_grad_over_tp", False)]
+
+        def finalize(*args, **kwargs):
+            finalize_model_grads(*args, **kwargs)
+            self._sum_partial_grads_over_tp()
+
+        stage.config.finalize_model_grads_func = finalize
         stage.config.no_sync_func = self.ddp.no_sync
         self.optimizer = None  # Megatron's optimizer wrapper, from wrap_optimizer
+
+    def _sum_partial_grads_over_tp(self) -> None:
+        """Sum the gradients of the ``partial_grad_over_tp`` parameters over TP, in one collective (as Megatron's
+        ``_allreduce_non_tensor_model_parallel_grads``: after the DP reduction; the DP shards of a distributed
+        optimizer sit at the same buffer offsets on every TP rank)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.main_grad for p in self._partial_over_tp if getattr(p, "main_grad", None) is not None]
+        if not grads or ps.get_tensor_model_parallel_world_size() == 1:
+            return
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+        for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(summed)
 
     def describe(self) -> str:
         """The one log line of what is in effect."""
@@ -165,6 +190,10 @@ class MegatronEngine:
 
         # a rank whose batches were all dropped as bad input still joins the collectives, contributing nothing
         batches = [b for b in batches if b["input_ids"].shape[0] > 0] or [self.idle_batch()]
+        multiple = self.layout.sequence_multiple
+        if bad := sorted({b["input_ids"].shape[1] for b in batches if b["input_ids"].shape[1] % multiple}):
+            raise ValueError(f"sequence length(s) {bad} not a multiple of {multiple} ({self.layout.describe()}): "
+                             "set the dataset's pad_to_multiple (JSTIPModel's loaders derive it)")
         reports = get_forward_backward_func()(
             forward_step_func=step,
             data_iterator=iter(batches),

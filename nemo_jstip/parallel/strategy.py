@@ -28,9 +28,13 @@ class MegatronStrategy(DDPStrategy):
     strategy_name = "jstip_megatron"
 
     def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                 context_parallel_size: int = 1, seed: int = 1234, process_group_backend: str | None = None):
+                 context_parallel_size: int = 1, sequence_parallel: bool = False, seed: int = 1234,
+                 process_group_backend: str | None = None):
         super().__init__(process_group_backend=process_group_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
         self.tp, self.pp, self.cp, self.seed = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size, seed
+        self.sequence_parallel = bool(sequence_parallel)
+        if self.sequence_parallel:  # refused now, not after the processes have started
+            ParallelLayout(tp=self.tp, pp=self.pp, cp=self.cp, sequence_parallel=True)
         self.layout: ParallelLayout | None = None
 
     @classmethod
@@ -46,7 +50,8 @@ class MegatronStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         cpu.apply()  # no-op with CUDA
         super().setup_environment()  # torch.distributed process group (gloo on the CPU, nccl on GPUs)
-        self.layout = ParallelLayout.for_world(torch.distributed.get_world_size(), self.tp, self.pp, self.cp)
+        self.layout = ParallelLayout.for_world(torch.distributed.get_world_size(), self.tp, self.pp, self.cp,
+                                               sequence_parallel=self.sequence_parallel)
         self.layout.initialize(self.seed)
 
     def setup(self, trainer) -> None:

@@ -19,7 +19,7 @@ LR = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- rank bodies
-def _build(setup_path, tp: int, pp: int):
+def _build(setup_path, tp: int, pp: int, sequence_parallel: bool = False, split_over_tp: bool = True):
     from omegaconf import OmegaConf
 
     from nemo_jstip.models.jstip_model import JSTIPModel
@@ -27,9 +27,11 @@ def _build(setup_path, tp: int, pp: int):
     from nemo_jstip.parallel.dist import init_parallel
 
     torch.set_num_threads(1)  # the ranks share 2 cores with each other (and with other jobs)
-    init_parallel(tp=tp, pp=pp)
+    init_parallel(tp=tp, pp=pp, sequence_parallel=sequence_parallel)
     data = torch.load(setup_path, weights_only=False)
-    model = JSTIPModel(OmegaConf.create(data["cfg"]))  # no trainer: built at once in the current parallel state
+    cfg = OmegaConf.create(data["cfg"])
+    cfg.perception.split_over_tp = split_over_tp
+    model = JSTIPModel(cfg)  # no trainer: built at once in the current parallel state
     stage = model.stage
     load_hf_weights(stage.gpt, data["hf"], model.llm_cfg)
     if stage.perception is not None:
@@ -54,17 +56,34 @@ def _named(model, value) -> dict:
     return out
 
 
+def pad_batch(batch: dict, multiple: int) -> dict:
+    """``batch`` right-padded to a length that is a multiple of ``multiple``, as the dataset's ``pad_to_multiple``
+    pads (padding has no loss; causal attention keeps it from the real positions)."""
+    pad = -batch["input_ids"].shape[1] % multiple
+    fill = {"input_ids": 0, "labels": -100, "loss_mask": 0, "audio_item": -1, "audio_frame": -1}
+    return {k: torch.nn.functional.pad(v, (0, pad), value=fill[k]) if k in fill else v for k, v in batch.items()}
+
+
 def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps: int = 0, only_first: bool = False,
-               distributed_optimizer: bool = False) -> dict:
+               distributed_optimizer: bool = False, sequence_parallel: bool = False,
+               split_over_tp: bool = True) -> dict:
     """Rank body: forward-only loss, one forward/backward (loss, main_grad), then ``steps`` AdamW steps as
     ``JSTIPModel.training_step`` takes them (the engine's, with Megatron's distributed optimizer if asked).
     ``split_batches``: data-parallel rank r trains on batch r only. ``only_first``: the first batch only, and on
-    DP ranks > 0 an empty batch (all items dropped as bad input)."""
+    DP ranks > 0 an empty batch (all items dropped as bad input). ``sequence_parallel``: batches padded to a
+    multiple of TP. ``split_over_tp``: the perception's switch (each TP rank encodes its share of the clips)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from omegaconf import OmegaConf
 
-    model, batches = _build(setup_path, tp, pp)
+    model, batches = _build(setup_path, tp, pp, sequence_parallel, split_over_tp)
+    if sequence_parallel:
+        batches = [pad_batch(b, tp) for b in batches]
+    perception = model.stage.perception
+    encoded = []  # the number of clips this rank's encoder ran on, per forward
+    if perception is not None:
+        perception.encoder.register_forward_hook(lambda m, args, kwargs, out: encoded.append(out[0].shape[0]),
+                                                 with_kwargs=True)
     if split_batches:
         batches = batches[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
     if only_first:
@@ -89,6 +108,8 @@ def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps:
         stats = model.engine.train_step(batches)
         out["steps"].append((stats["loss"], stats["grad_norm"]))
     out["weights"] = _named(model, lambda p: p.data)
+    out["encoded_clips"], out["clips"] = encoded, [b["audio"].shape[0] for b in batches]
+    out["buffers"] = {k: v.clone() for k, v in perception.named_buffers() if "running" in k} if perception else {}
     opt = model.engine.optimizer.optimizer  # the torch optimizer inside Megatron's wrapper
     out["adam_numel"] = sum(s["exp_avg"].numel() for s in opt.state.values() if "exp_avg" in s)
     return out
