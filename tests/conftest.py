@@ -76,7 +76,8 @@ def parallel_setup(tiny_corpus, tmp_path_factory):
     one ``SpeechPerception`` state dict for the first stage.
 
     Path of a file with ``cfg`` (JSTIPModel config), ``hf`` (HF Llama state dict), ``perception`` (state dict)
-    and ``batches`` (two JSTIPDataset batches from ``build_dataloader``: asr + interleaved + text items)."""
+    and ``batches`` (two JSTIPDataset batches from ``build_dataloader``: asr + interleaved + text items), and
+    ``packed_batches`` (the same items packed, several per row)."""
     import transformers as T
     from lhotse import CutSet
     from omegaconf import OmegaConf
@@ -85,6 +86,7 @@ def parallel_setup(tiny_corpus, tmp_path_factory):
     from nemo_jstip.data.frames import FrameSpec
     from nemo_jstip.data.interleave import InterleaveConfig
     from nemo_jstip.data.nemo_types import build_dataloader
+    from nemo_jstip.data.sampler import MixedBatch
     from nemo_jstip.modules.hf_import import llm_config_from_hf
     from nemo_jstip.modules.perception import SpeechPerception
     from nemo_jstip.prep.tokenizer import train_tokenizer
@@ -119,14 +121,21 @@ def parallel_setup(tiny_corpus, tmp_path_factory):
         "interleave": interleave,
         "sampler": {"max_tokens": 480, "max_item_cost": 160, "num_buckets": 1, "seed": 0},
     }
-    it = iter(build_dataloader(data, tok, FrameSpec.from_config(OmegaConf.create(PERCEPTION))))
-    first = next(b for _, b in zip(range(50), it) if set(b["kinds"]) == {"asr", "interleaved", "text"})
-    second = next(b for b in it if b["input_ids"].shape[1] != first["input_ids"].shape[1] and "asr" in b["kinds"])
-    batches = [first, second]
+    loader = build_dataloader(data, tok, FrameSpec.from_config(OmegaConf.create(PERCEPTION)))
+    it = ((items, loader.dataset[items]) for items in loader.sampler)
+    first = next(x for _, x in zip(range(50), it) if set(x[1]["kinds"]) == {"asr", "interleaved", "text"})
+    second = next(x for x in it if x[1]["input_ids"].shape[1] != first[1]["input_ids"].shape[1]
+                  and "asr" in x[1]["kinds"])
+    batches = [first[1], second[1]]
     assert all(b["input_ids"].shape[0] > 1 and b["audio"].shape[0] > 0 for b in batches)
+    # the same items packed into rows of 320 positions (several examples per row)
+    packed = [loader.dataset[MixedBatch(items, items.epoch, items.index, pack_length=320)]
+              for items, _ in (first, second)]
+    assert all(b["input_ids"].shape[0] < len(b["kinds"]) for b in packed)
 
     path = out / "setup.pt"
-    torch.save({"cfg": cfg, "hf": hf.state_dict(), "perception": perception.state_dict(), "batches": batches}, path)
+    torch.save({"cfg": cfg, "hf": hf.state_dict(), "perception": perception.state_dict(), "batches": batches,
+                "packed_batches": packed}, path)
     return path
 
 

@@ -2,9 +2,12 @@
 
 The whole sequence layout is decided here, so the model never loops over tokens in Python: it encodes ``audio``,
 then fills every placeholder with one gather ``enc[audio_item[m], audio_frame[m]]`` where ``m = audio_item >= 0``,
-and applies a masked cross-entropy. The contract (``B`` examples, ``A`` of them with speech, ``L`` padded length):
+and applies a masked cross-entropy. The contract (``B`` rows: one example each unless packed; ``A`` examples with
+speech, ``L`` padded length):
 
-Training mode (``DatasetConfig.prompt=False``), sequences RIGHT-padded:
+Training mode (``DatasetConfig.prompt=False``), sequences RIGHT-padded; a batch the sampler packed
+(``MixedBatch.pack_length``) holds several examples per row, one after another, each with its own labels as alone
+(attention stays within an example: ``segment_ids``), in the rows the sampler chose (``pack_rows``):
 
 ==================  =========  ========  ===================================================================
 key                 dtype      shape     meaning
@@ -15,6 +18,7 @@ loss_mask           float32    [B, L]    ``labels != -100`` (never 1 on padding)
 audio_item          int64      [B, L]    row of ``audio`` whose encoder frame fills the position, -1 elsewhere
 audio_frame         int64      [B, L]    that row's encoder+adapter frame, -1 elsewhere
 seq_lens            int64      [B]       real length of each row (``L - seq_lens`` is padding)
+segment_ids         int64      [B, L]    packed batches only: the example each position belongs to, -1 on padding
 audio               float32    [A, T]    waveforms at ``FrameSpec.sample_rate``, zero-padded; ``None`` if
                                          ``load_audio=False``. Row ``a`` is the a-th example with speech.
 audio_lens          int64      [A]       samples per row
@@ -58,7 +62,7 @@ from lhotse.cut import Cut
 
 from nemo_jstip.data.examples import IGNORE, Example, ExampleBuilder, example_cost
 from nemo_jstip.data.interleave import TEXT
-from nemo_jstip.data.sampler import COST_KEY, KIND_KEY, SAMPLER_PROBLEMS, STREAM_KEY
+from nemo_jstip.data.sampler import COST_KEY, KIND_KEY, SAMPLER_PROBLEMS, STREAM_KEY, pack_rows
 from nemo_jstip.data.tarred import TAR_AUDIO_KEY, load_tar_audio
 
 __all__ = ["DatasetConfig", "JSTIPDataset", "BadInputError", "PROBLEMS", "CostFn", "make_cost_fn", "kind_of"]
@@ -220,6 +224,7 @@ class _Row(NamedTuple):
     text: str
     entities: list
     domain: str | None
+    cost: int | None = None  # the sampler's cost of the item (what packing lays out by)
 
 
 class JSTIPDataset(torch.utils.data.Dataset):
@@ -321,7 +326,7 @@ class JSTIPDataset(torch.utils.data.Dataset):
         if budget is not None and row.example.cost > budget:
             self._bad("cost_over_budget", row.example.id, f"{row.example.kind} example of {row.example.cost} tokens, "
                       f"sampler cost {budget}", problems)
-        return row
+        return row._replace(cost=budget)
 
     def _load_audio(self, row: _Row, problems: Problems) -> np.ndarray | None:
         cut = row.cut
@@ -377,7 +382,9 @@ class JSTIPDataset(torch.utils.data.Dataset):
             audio = torch.zeros(len(waves), max((len(w) for w in waves), default=0), dtype=torch.float32)
             for a, w in enumerate(waves):
                 audio[a, : len(w)] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-        batch = self._collate([r.example for r in rows], speech)
+        pack = None if self.cfg.prompt else getattr(items, "pack_length", None)
+        costs = [r.example.cost if r.cost is None else r.cost for r in rows]
+        batch = self._collate([r.example for r in rows], speech, pack_rows(costs, pack) if pack else None)
         batch.update(
             audio=audio,
             audio_lens=audio_lens,
@@ -395,14 +402,21 @@ class JSTIPDataset(torch.utils.data.Dataset):
         batch["token_stats"].update(Counter(batch["kinds"]))
         return batch
 
-    def _collate(self, examples: list[Example], speech: np.ndarray) -> dict[str, Any]:
-        """Pad the examples into [B, L] arrays with index arithmetic (no per-token Python)."""
+    def _collate(self, examples: list[Example], speech: np.ndarray, packed: list[int] | None = None) -> dict[str, Any]:
+        """Pad the examples into [B, L] arrays with index arithmetic (no per-token Python). ``packed``: the row of
+        each example (examples of a row follow each other; ``segment_ids`` tells them apart), else one per row."""
         lens = np.array([len(ex.input_ids) for ex in examples], dtype=np.int64)
-        B, m = len(examples), int(self.cfg.pad_to_multiple)
-        L = -(-int(lens.max(initial=0)) // m) * m
-        rows = np.repeat(np.arange(B), lens)
+        row = np.asarray(packed if packed is not None else np.arange(len(examples)), dtype=np.int64)
+        B, m = int(row.max(initial=-1)) + 1, int(self.cfg.pad_to_multiple)
+        row_lens = np.bincount(row, weights=lens, minlength=B).astype(np.int64)
+        offset = np.zeros(len(examples), dtype=np.int64)  # where each example starts in its row
+        for r in range(B):
+            mine = row == r
+            offset[mine] = np.cumsum(lens[mine]) - lens[mine]
+        L = -(-int(row_lens.max(initial=0)) // m) * m
+        rows = np.repeat(row, lens)
         starts = np.cumsum(lens) - lens
-        cols = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+        cols = np.arange(int(lens.sum())) - np.repeat(starts - offset, lens)
         if self.cfg.prompt:
             cols += np.repeat(L - lens, lens)  # left padding
         frame = _cat(examples, "audio_frame_index")
@@ -417,8 +431,10 @@ class JSTIPDataset(torch.utils.data.Dataset):
             input_ids=grid(_cat(examples, "input_ids"), self.pad_id),
             audio_item=grid(np.where(frame >= 0, np.repeat(audio_row, lens), -1), -1),
             audio_frame=grid(frame, -1),
-            seq_lens=torch.from_numpy(lens),
+            seq_lens=torch.from_numpy(row_lens),
         )
+        if packed is not None:
+            out["segment_ids"] = grid(np.repeat(np.arange(len(examples)), lens), -1)
         if self.cfg.prompt:
             mask = grid(np.ones(len(rows), dtype=bool), False, bool)
             out.update(attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_(min=0),

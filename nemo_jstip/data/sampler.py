@@ -84,6 +84,7 @@ STREAM_KEY = "jstip_stream"  # the name of the stream an item came from, for per
 # the sampler's share of the bad-input table (nemo_jstip.data.dataset.PROBLEMS has the dataset's)
 MAX_DROPPED_IDS, MAX_LOGGED = 100_000, 10
 MAX_SNAPSHOTS = 32  # pipeline states kept for batches yielded but not yet marked consumed (>= DataLoader prefetch)
+PACK_LOOKAHEAD = 64  # packing: buffered items a batch may pass over (fit no row) before it is closed
 SAMPLER_PROBLEMS = {"too_long": ("item costlier than sampler.max_item_cost", "dropped by the sampler")}
 
 
@@ -198,15 +199,36 @@ def _item_from(d: dict):
     return deserialize_item(json.loads(d["cut"]))
 
 
-class MixedBatch(list):
-    """The items of one batch, plus where it sits in the epoch and its token counts."""
+def pack_rows(costs: Sequence[int], length: int) -> list[int]:
+    """First fit, in order: the row of each item when items are packed into rows of ``length`` tokens (an item
+    longer than ``length`` gets a row of its own). The sampler and the dataset both call it on the same costs, so
+    they agree on the rows."""
+    fills, rows = [], []
+    for c in costs:
+        r = next((r for r, f in enumerate(fills) if f + c <= length), len(fills))
+        if r == len(fills):
+            fills.append(0)
+        fills[r] += c
+        rows.append(r)
+    return rows
 
-    def __init__(self, items: Iterable, epoch: int, index: int) -> None:
+
+class MixedBatch(list):
+    """The items of one batch, plus where it sits in the epoch and its token counts. ``pack_length``: the items
+    are packed into rows of that many tokens (``pack_rows``), else each item is a row."""
+
+    def __init__(self, items: Iterable, epoch: int, index: int, pack_length: int | None = None) -> None:
         super().__init__(items)
-        self.epoch, self.index = epoch, index
+        self.epoch, self.index, self.pack_length = epoch, index, pack_length
         costs = [item_cost(it) for it in self]
         self.real_tokens = sum(costs)
-        self.padded_tokens = len(costs) * max(costs)
+        if pack_length:
+            fills = Counter()
+            for r, c in zip(pack_rows(costs, pack_length), costs):
+                fills[r] += c
+            self.padded_tokens = len(fills) * max(fills.values())
+        else:
+            self.padded_tokens = len(costs) * max(costs)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -263,6 +285,11 @@ class InterleavingSampler(CutSampler):
         bucket. Defaults to ``max_tokens``; set it to the model's max sequence length.
     :param num_buckets: buckets estimated from the first ``num_items_for_edges_estimate`` items of epoch 0
         (plus one edge at the largest cost seen, plus ``max_item_cost``); 1 turns bucketing off.
+    :param pack: pack several items into each row of ``max_item_cost`` tokens instead of one item per padded row:
+        a batch is ``max_tokens // max_item_cost`` rows, filled first-fit from the buffer in order (an item that
+        fits no row stays buffered for a later batch; the scan stops after ``PACK_LOOKAHEAD`` such items). No
+        bucketing (``num_buckets`` and ``bucket_edges`` are ignored): lengths may mix freely in a row. The model
+        keeps attention within each item (``segment_ids``, nemo_jstip/data/dataset.py).
     :param bucket_edges: ascending upper cost edges instead of estimating them.
     :param buffer_size: items held across the buckets (also stored in a checkpoint).
     :param shuffle: shuffle each stream through a buffer of ``shuffle_buffer_size`` items (also in a checkpoint).
@@ -291,6 +318,7 @@ class InterleavingSampler(CutSampler):
         sync_buckets: bool = True,
         drop_last: bool = False,
         seed: int = 0,
+        pack: bool = False,
         dp_rank: int = 0,
         dp_world_size: int = 1,
     ) -> None:
@@ -310,7 +338,10 @@ class InterleavingSampler(CutSampler):
         self.buffer_size = buffer_size
         self.shuffle_buffer_size = shuffle_buffer_size
         self.sync_buckets = sync_buckets
-        if bucket_edges is not None:
+        self.pack = pack
+        if pack:
+            edges = []
+        elif bucket_edges is not None:
             edges = [int(e) for e in bucket_edges if e < self.max_item_cost]
             assert edges == sorted(set(edges)), "bucket_edges must be strictly ascending"
         elif num_buckets > 1:
@@ -445,11 +476,41 @@ class InterleavingSampler(CutSampler):
         cap = max(1, self.max_tokens // self.edges[k])
         return min(cap, self.max_batch_size) if self.max_batch_size else cap
 
+    def _full(self, st: "_State", k: int, batches: int) -> bool:
+        """Bucket ``k`` holds ``batches`` full batches (packed: enough tokens to fill their rows)."""
+        if self.pack:
+            return sum(item_cost(it) for it in st.buckets[k]) >= batches * self.max_tokens
+        return len(st.buckets[k]) >= batches * self._capacity(k)
+
+    def _take(self, st: "_State", k: int) -> list:
+        """The next batch out of bucket ``k``: its first ``_capacity`` items, or packed: first fit into
+        ``max_tokens // max_item_cost`` rows, skipping (and keeping) items that fit no row."""
+        bucket = st.buckets[k]
+        if not self.pack:
+            batch = bucket[: self._capacity(k)]
+            del bucket[: len(batch)]
+            return batch
+        n_rows, length = max(1, self.max_tokens // self.max_item_cost), self.max_item_cost
+        fills, batch, kept, j = [], [], [], 0
+        while j < len(bucket) and len(kept) < PACK_LOOKAHEAD and len(batch) < (self.max_batch_size or len(bucket)):
+            it, j = bucket[j], j + 1
+            c = item_cost(it)
+            r = next((r for r, f in enumerate(fills) if f + c <= length), len(fills))
+            if r == n_rows:
+                kept.append(it)
+                continue
+            if r == len(fills):
+                fills.append(0)
+            fills[r] += c
+            batch.append(it)
+        bucket[:j] = kept
+        return batch
+
     def _choose_bucket(self, st: "_State", batches: int) -> int | None:
         """A bucket holding ``batches`` full batches, else one full batch, else (the epoch's end) any items."""
         self._fill(st)
         for need in (batches, 1):
-            ready = [k for k, b in enumerate(st.buckets) if len(b) >= need * self._capacity(k)]
+            ready = [k for k in range(len(st.buckets)) if self._full(st, k, need)]
             if ready:
                 return ready[st.bucket_rng.randrange(len(ready))] if len(ready) > 1 else ready[0]
         if self.drop_last:
@@ -462,13 +523,11 @@ class InterleavingSampler(CutSampler):
         ``sync_buckets`` from one bucket while it lasts."""
         batches, k = [], None
         for _ in range(self.world_size):
-            if k is None or not self.sync_buckets or len(st.buckets[k]) < self._capacity(k):
+            if k is None or not self.sync_buckets or not self._full(st, k, 1):
                 k = self._choose_bucket(st, self.world_size - len(batches) if self.sync_buckets else 1)
             if k is None:
                 break
-            bucket, cap = st.buckets[k], self._capacity(k)
-            batches.append(bucket[:cap])
-            del bucket[:cap]
+            batches.append(self._take(st, k))
             st.buffered -= len(batches[-1])
         return batches
 
@@ -489,7 +548,8 @@ class InterleavingSampler(CutSampler):
         batches = self._draw_step(self._state)
         if not batches or (len(batches) < self.world_size and self.drop_last):
             raise StopIteration
-        batch = MixedBatch(_spread(batches, self.world_size)[self.rank], self.epoch, self._index)
+        batch = MixedBatch(_spread(batches, self.world_size)[self.rank], self.epoch, self._index,
+                           self.max_item_cost if self.pack else None)
         self._drawn_after[self._index] = self._drawn(self._index) + len(batches)
         self._snapshots[self._index] = self._state.copy()
         if self._consumed is None:  # before mark_consumed is used: keep the last few (the DataLoader prefetches)
@@ -603,7 +663,7 @@ class InterleavingSampler(CutSampler):
             streams=[[s.name, s.kind, float(s.weight), bool(s.repeat)] for s in self.streams],
             max_tokens=self.max_tokens, max_batch_size=self.max_batch_size, max_item_cost=self.max_item_cost,
             buffer_size=self.buffer_size, shuffle_buffer_size=self.shuffle_buffer_size,
-            sync_buckets=self.sync_buckets,
+            sync_buckets=self.sync_buckets, **({"pack": True} if self.pack else {}),
         )
 
 

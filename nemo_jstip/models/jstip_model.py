@@ -44,7 +44,8 @@ from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.health import DataHealth
 from nemo_jstip.data.interleave import InterleaveConfig
 from nemo_jstip.modules.hf_import import llm_section, load_hf_weights, read_hf_weights
-from nemo_jstip.modules.llm import LLMConfig, build_llm, token_loss, transformer_config
+from nemo_jstip.modules.llm import (LLMConfig, block_causal_mask, build_llm, resolve_layer_spec, token_loss,
+                                    transformer_config)
 from nemo_jstip.modules.perception import SpeechPerception
 from nemo_jstip.parallel.dist import compute_device, init_parallel
 from nemo_jstip.parallel.engine import EngineConfig, MegatronEngine
@@ -104,9 +105,9 @@ class JSTIPStage(torch.nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Last stage: per-token loss [B, L]; other stages: hidden states for the next stage."""
         decoder_input = self.embed(batch) if self.gpt.pre_process else None
-        out = self.gpt(
-            input_ids=None, position_ids=batch.get("position_ids"), attention_mask=None, decoder_input=decoder_input
-        )
+        segments = batch.get("segment_ids")  # a packed batch: attention stays within each example
+        out = self.gpt(input_ids=None, position_ids=batch.get("position_ids"), decoder_input=decoder_input,
+                       attention_mask=None if segments is None else block_causal_mask(segments))
         if not self.gpt.post_process:
             return out
         return token_loss(out.float(), batch["labels"], self.vocab_size)
@@ -347,6 +348,11 @@ class JSTIPModel(ModelPT):
         dataset = cfg["dataset"] = dict(cfg.get("dataset") or {})
         asked, needed = int(dataset.get("pad_to_multiple", 1)), self.layout.sequence_multiple
         dataset["pad_to_multiple"] = math.lcm(asked, needed)
+        if (cfg.get("sampler") or {}).get("pack"):
+            if self.layout.cp > 1 or resolve_layer_spec(self.cfg.llm.get("layer_spec", "auto")) == "te":
+                raise ValueError("sampler.pack runs on the local layer spec without context parallelism (a "
+                                 "block-causal mask); this model has llm.layer_spec="
+                                 f"{self.cfg.llm.get('layer_spec', 'auto')}, {self.layout.describe()}")
         if dataset["pad_to_multiple"] != asked:
             logging.info(f"dataset.pad_to_multiple {asked} -> {dataset['pad_to_multiple']} (a multiple of {needed}: "
                          f"{self.layout.describe()})")

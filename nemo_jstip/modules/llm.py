@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
@@ -247,12 +248,30 @@ def block_spec(cfg: LLMConfig, config, vp_stage: int | None = None):
                                       layer_norm=TorchNorm)
 
 
+_SDPA_MASKS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Attention mask of a packed batch, ``[B, 1, L, L]`` bool, True = masked (Megatron's convention): each
+    position sees the earlier positions of its own example (``segment_ids`` [B, L]; -1 marks padding, which sees
+    only itself, so that no row is fully masked). RoPE is relative, so positions need not restart per example:
+    within an example the attention is the same as alone. The local spec's SDPA core attention takes this mask on
+    its fused path."""
+    L = segment_ids.shape[1]
+    position = torch.arange(L, device=segment_ids.device)
+    seg = torch.where(segment_ids >= 0, segment_ids, -1 - position)  # each padding position its own segment
+    causal = position[:, None] >= position[None, :]
+    mask = ~((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    _SDPA_MASKS[id(mask)] = mask
+    return mask
+
+
 @functools.cache
 def _sdpa_attention_class() -> type:
     """Megatron's local core attention with PyTorch's fused SDPA kernel on the plain causal path (training, and
-    prefill without padding); padding masks, KV-cache decoding and the rarer options keep Megatron's own code. Same
-    math, without the per-layer mask build, the expanded K/V heads and the unfused softmax (the local spec's main
-    cost next to TE and to HF models: benchmarks/bench_salm.py)."""
+    prefill without padding) and with a packed batch's ``block_causal_mask``; padding masks, KV-cache decoding and
+    the rarer options keep Megatron's own code. Same math, without the per-layer mask build, the expanded K/V heads
+    and the unfused softmax (the local spec's main cost next to TE and to HF models: benchmarks/bench_salm.py)."""
     from contextlib import nullcontext
 
     from megatron.core import tensor_parallel
@@ -263,7 +282,9 @@ def _sdpa_attention_class() -> type:
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
             c = self.config
-            if (attention_mask is not None or (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal
+            block = attention_mask is not None and _SDPA_MASKS.get(id(attention_mask)) is attention_mask
+            if ((attention_mask is not None and not block)
+                    or (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal
                     or query.shape[0] != key.shape[0] or attention_bias is not None or packed_seq_params is not None
                     or self.softmax_offset is not None or c.window_size is not None or c.apply_query_key_layer_scaling):
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
@@ -272,7 +293,8 @@ def _sdpa_attention_class() -> type:
             p = self.attention_dropout.p if self.training else 0.0
             # attention dropout differs per TP rank, as in Megatron (its RNG tracker's model-parallel stream)
             with tensor_parallel.get_cuda_rng_tracker().fork() if p and not c.sequence_parallel else nullcontext():
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask if block else None,
+                                                     dropout_p=p, is_causal=not block, scale=self.softmax_scale,
                                                      enable_gqa=k.shape[1] != q.shape[1])
             return out.permute(2, 0, 1, 3).flatten(2)  # [s, b, heads * d]
 

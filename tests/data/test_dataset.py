@@ -10,7 +10,7 @@ from nemo_jstip.data.dataset import DatasetConfig, JSTIPDataset, make_cost_fn
 from nemo_jstip.data.examples import IGNORE, ExampleBuilder, TokenIds
 from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.interleave import InterleaveConfig
-from nemo_jstip.data.sampler import KIND_KEY, InterleavingSampler, Stream, TextItem
+from nemo_jstip.data.sampler import KIND_KEY, InterleavingSampler, MixedBatch, Stream, TextItem, item_cost, pack_rows
 
 SPEC = FrameSpec()
 SPLITS = ("general_train", "medical_dev", "banking_dev", "medical_test")
@@ -80,6 +80,30 @@ def test_batch_contract(builder, cuts, texts, multiple):
         assert s["real_tokens"] == int(b["seq_lens"].sum()) and s["padded_tokens"] == B * L
         assert s["loss_tokens"] == int(b["loss_mask"].sum()) and s["audio_tokens"] == int((b["audio_item"] >= 0).sum())
         assert sum(s[k] for k in ("asr", "interleaved", "text") if k in s) == B
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_packed_batch_holds_each_example_as_alone(builder, cuts, texts, multiple):
+    """A packed batch: several examples per row, in the sampler's rows, each example's ids, labels, audio positions
+    and frames exactly those of the same example unpacked; ``segment_ids`` marks them (-1 on padding)."""
+    dataset = JSTIPDataset(builder, DatasetConfig(pad_to_multiple=multiple))
+    for items in islice(make_sampler(builder, cuts, texts, pack=True), 4):
+        packed, alone = dataset[items], dataset[MixedBatch(items, items.epoch, items.index)]
+        B, L = packed["input_ids"].shape
+        assert items.pack_length == 300 and L <= 300 + multiple and L % multiple == 0
+        assert B == max(pack_rows([item_cost(it) for it in items], 300)) + 1 < len(items)
+        assert packed["cut_ids"] == alone["cut_ids"] and torch.equal(packed["audio"], alone["audio"])
+        seg = packed["segment_ids"]
+        assert torch.equal(seg >= 0, torch.arange(L)[None, :] < packed["seq_lens"][:, None])
+        for e in range(len(items)):
+            n = int(alone["seq_lens"][e])
+            assert int((seg == e).sum()) == n  # one contiguous run in one row
+            r, t = torch.nonzero(seg == e, as_tuple=True)
+            assert (r == r[0]).all() and torch.equal(t, t[0] + torch.arange(n))
+            for key in ("input_ids", "labels", "audio_item", "audio_frame", "loss_mask"):
+                assert torch.equal(packed[key][r, t], alone[key][e, :n]), key
+        s, a = packed["token_stats"], alone["token_stats"]
+        assert s["real_tokens"] == a["real_tokens"] and s["padded_tokens"] == B * L < a["padded_tokens"]
 
 
 def test_gather_selects_the_planned_frames(builder, cuts, texts):

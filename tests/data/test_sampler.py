@@ -10,7 +10,7 @@ from lhotse.supervision import AlignmentItem
 from lhotse.testing.dummies import dummy_recording
 from omegaconf import OmegaConf
 
-from nemo_jstip.data.sampler import InterleavingSampler, Stream, build_sampler, item_cost, item_kind
+from nemo_jstip.data.sampler import InterleavingSampler, Stream, build_sampler, item_cost, item_kind, pack_rows
 
 MAX_TOKENS, MAX_ITEM = 1000, 160
 
@@ -269,3 +269,36 @@ def test_resume_continues_from_the_stored_position_without_replaying(tmp_path, c
 def _saved(state, tmp_path):
     torch.save(state, tmp_path / "state.pt")
     return tmp_path / "state.pt"
+
+
+def test_packing_fills_rows_and_covers_the_epoch(cuts, texts):
+    streams = [Stream(cuts, "asr", 0.5), Stream(cuts, "interleaved", 0.3), Stream(texts, "text", 0.2)]
+    whole = Counter(k for b in sampler(streams) for k in keys(b))
+    packed = sampler(streams, pack=True)
+    batches = list(packed)
+    assert Counter(k for b in batches for k in keys(b)) == whole  # the same items, once each
+    rows_per_batch = MAX_TOKENS // MAX_ITEM
+    for b in batches:
+        rows = pack_rows([item_cost(it) for it in b], MAX_ITEM)
+        fills = Counter()
+        for r, it in zip(rows, b):
+            fills[r] += item_cost(it)
+        assert max(rows) < rows_per_batch and max(fills.values()) <= MAX_ITEM and b.pack_length == MAX_ITEM
+        assert b.padded_tokens == len(fills) * max(fills.values())
+    bucketed = sampler(streams, num_buckets=12)
+    list(bucketed)
+    full = batches[:-3]  # the epoch's last batches get what is left
+    # rows of 160 tokens for items of 7-135: the recipes' rows of 1024-2048 fill better (benchmarks/bench_data.py)
+    assert sum(b.real_tokens for b in full) / sum(b.padded_tokens for b in full) > 0.97 > 1 - bucketed.padding_share
+
+
+def test_packed_resume_and_data_parallel(cuts, texts):
+    streams = [Stream(cuts, "asr", 0.6), Stream(texts, "text", 0.4, repeat=True)]
+    full = [keys(b) for b in sampler(streams, pack=True, dp_rank=1, dp_world_size=2)]
+    interrupted = sampler(streams, pack=True, dp_rank=1, dp_world_size=2)
+    head = [keys(b) for b in islice(interrupted, 5)]
+    resumed = sampler(streams, pack=True, dp_rank=1, dp_world_size=2)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert head + [keys(b) for b in resumed] == full
+    with pytest.raises(ValueError, match="config differs"):
+        sampler(streams, dp_rank=1, dp_world_size=2).load_state_dict(interrupted.state_dict())
