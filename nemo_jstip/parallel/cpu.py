@@ -23,10 +23,12 @@ does nothing, so the GPU path runs Megatron unpatched. Without CUDA it patches, 
    from the tensor-parallel stream, and activation recompute restores the right state.
 
 Measured to work with it (tests/parallel/test_cpu_shim.py): RNG tracker + dropout + recompute, TP, PP 1F1B,
-plain ``dist_checkpointing.save/load`` (resharding TP=2 -> 1). Not covered, still CUDA-only here:
-``sequence_parallel=True`` (needs TE/apex norms), Megatron's optimizer (``get_megatron_optimizer``,
-clip-grad/l2-norm: use a torch optimizer), the rerun state machine's non-default modes, dist-checkpointing's
-cached-structure saves and fully-parallel load exchange.
+plain ``dist_checkpointing.save/load`` (resharding TP=2 -> 1). Sequence parallelism needs nothing here: gloo in
+torch 2.14 has ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (Megatron's SP collectives), and what
+refused it on the CPU, the local spec's torch norms, refuses it on any GPU without TE or apex too, so its fix is
+in ``modules/llm.py`` (tests/models/test_parallel.py runs TP=2 with SP). Not covered, still CUDA-only here:
+Megatron's optimizer (``get_megatron_optimizer``, clip-grad/l2-norm: use a torch optimizer), the rerun state
+machine's non-default modes, dist-checkpointing's cached-structure saves and fully-parallel load exchange.
 """
 
 from __future__ import annotations

@@ -99,9 +99,13 @@ def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps:
     model.setup_optimization(OmegaConf.create({"name": "adamw", "lr": LR, "weight_decay": 0.01,
                                                "use_distributed_optimizer": distributed_optimizer}))
     out["layout"] = model.engine.describe()
+    norms = [m.weight for m in model.stage.gpt.modules() if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm))]
+    out["sequence_parallel"] = {"config": model.stage.gpt.config.sequence_parallel,
+                                "norms": bool(norms) and all(getattr(w, "sequence_parallel", False) for w in norms)}
     model.engine.ddp.zero_grad_buffer()
     out["train"] = model.engine.forward_backward(batches, forward_only=False)
     out["grads"] = _named(model, lambda p: p.main_grad)
+    out["buffers"] = {k: v.clone() for k, v in perception.named_buffers() if "running" in k} if perception else {}
 
     out["steps"] = []
     for _ in range(steps):  # JSTIPModel.training_step without Lightning
@@ -109,7 +113,6 @@ def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps:
         out["steps"].append((stats["loss"], stats["grad_norm"]))
     out["weights"] = _named(model, lambda p: p.data)
     out["encoded_clips"], out["clips"] = encoded, [b["audio"].shape[0] for b in batches]
-    out["buffers"] = {k: v.clone() for k, v in perception.named_buffers() if "running" in k} if perception else {}
     opt = model.engine.optimizer.optimizer  # the torch optimizer inside Megatron's wrapper
     out["adam_numel"] = sum(s["exp_avg"].numel() for s in opt.state.values() if "exp_avg" in s)
     return out
@@ -163,12 +166,40 @@ def reference(parallel_setup):
     return r
 
 
+@pytest.fixture(scope="module")
+def runs(parallel_setup):
+    """``runs(tp, pp, **run_layout_kwargs)``: the ranks' results of that layout with STEPS optimizer steps, each
+    layout spawned once per module."""
+    done = {}
+
+    def get(tp: int, pp: int, **kwargs) -> list[dict]:
+        key = (tp, pp, tuple(sorted(kwargs.items())))
+        if key not in done:
+            done[key] = spawn(run_layout, tp * pp, parallel_setup, tp, pp, steps=STEPS, timeout_s=90, **kwargs)
+        return done[key]
+
+    return get
+
+
+def _grad_diff(ranks: list[dict], reference: dict, llm_cfg) -> tuple[float, float]:
+    """max |grad - reference grad| over every LLM and perception parameter, and the largest reference gradient."""
+    got, ref = _hf_view(ranks, "grads", llm_cfg), _hf_view([reference], "grads", llm_cfg)
+    return (max((got[k] - ref[k]).abs().max().item() for k in ref), max(v.abs().max().item() for v in ref.values()))
+
+
 # ---------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_model_parallel_matches_one_process(parallel_setup, reference, tp, pp):
-    """Same weights and batches: TP/PP/TPxPP (2 microbatches, 1F1B with PP) give the single-process loss
+LAYOUTS = {"tp2": (2, 1, {}), "pp2": (1, 2, {}), "tp2xpp2": (2, 2, {}),
+           "tp2-sp": (2, 1, {"sequence_parallel": True}), "tp2xpp2-sp": (2, 2, {"sequence_parallel": True}),
+           "tp2-whole-batch-encoder": (2, 1, {"split_over_tp": False})}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_model_parallel_matches_one_process(parallel_setup, reference, runs, name):
+    """Same weights and batches: TP/PP/TPxPP (2 microbatches, 1F1B with PP), with and without sequence parallelism
+    and with the speech encoder split over the TP ranks (the default) or not, give the single-process loss
     (training and forward-only, on every rank) and the same gradients of every LLM and perception parameter."""
-    ranks = spawn(run_layout, tp * pp, parallel_setup, tp, pp, steps=1, timeout_s=60)
+    tp, pp, kwargs = LAYOUTS[name]
+    ranks = runs(tp, pp, **kwargs)
     want = reference["train"]
     schedule = "forward_backward_pipelining_without_interleaving" if pp > 1 else "forward_backward_no_pipelining"
     for r in ranks:
@@ -181,16 +212,50 @@ def test_model_parallel_matches_one_process(parallel_setup, reference, tp, pp):
 
     llm_cfg = _llm_cfg(parallel_setup)
     got, ref = _hf_view(ranks, "grads", llm_cfg), _hf_view([reference], "grads", llm_cfg)
-    diff, name = _max_rel_diff(got, ref)
-    print(f"tp={tp} pp={pp}: loss {ranks[-1]['train']['loss']:.7f} vs {want['loss']:.7f}; "
-          f"max rel grad diff {diff:.2e} ({name})")
-    assert diff < 1e-4, name
+    diff, grad_name = _max_rel_diff(got, ref)
+    abs_diff, top = _grad_diff(ranks, reference, llm_cfg)
+    print(f"{name}: loss {ranks[-1]['train']['loss']:.7f} vs {want['loss']:.7f}; max rel grad diff {diff:.2e} "
+          f"({grad_name}); max |grad diff| {abs_diff:.2e}, largest grad {top:.2e}")
+    assert diff < 1e-4, grad_name
+    assert abs_diff <= 1e-5 * top, (abs_diff, top)
     perception = {k: v for k, v in got.items() if k.startswith("perception.")}
     assert len(perception) == sum(k.startswith("perception.") for k in ref)
     for r in ranks:  # TP ranks of the first stage hold the same (replicated) perception gradients
         for k, v in r["grads"].items():
             if k.startswith("perception."):
                 assert torch.equal(v, got[k]), k
+
+
+def test_sequence_parallel_trains_as_without(runs):
+    """TP=2 with sequence parallelism: the layout line says so, Megatron's config has it, the local spec's norms are
+    marked for its gradient sum, and STEPS AdamW steps log the losses and grad norms of TP=2 without it."""
+    sp, plain = runs(2, 1, sequence_parallel=True), runs(2, 1)
+    for r in sp:
+        assert r["layout"] == "parallel layout: tp=2 pp=1 cp=1 dp=1 sequence_parallel=True distributed_optimizer=False"
+        assert r["sequence_parallel"] == {"config": True, "norms": True}
+    assert plain[0]["sequence_parallel"] == {"config": False, "norms": False}
+    worst = 0.0
+    for a, b in zip(sp, plain):
+        assert len(a["steps"]) == STEPS
+        for (loss_sp, norm_sp), (loss, norm) in zip(a["steps"], b["steps"]):
+            assert loss_sp == pytest.approx(loss, rel=1e-5) and norm_sp == pytest.approx(norm, rel=1e-5)
+            worst = max(worst, abs(loss_sp - loss) / loss)
+    print(f"SP vs no SP over {STEPS} steps: max rel loss diff {worst:.1e}")
+
+
+def test_encoder_runs_once_per_tp_group(runs, reference):
+    """With ``perception.split_over_tp`` (the default) each TP rank encodes half of a batch's clips, and the
+    encoder's BatchNorm running statistics stay those of one process (identical on both TP ranks); without it every
+    rank encodes every clip."""
+    split, whole = runs(2, 1), runs(2, 1, split_over_tp=False)
+    for r in split:
+        assert r["encoded_clips"] == [-(-n // 2) for n in r["clips"]] * (2 + STEPS)  # eval, forward-backward, steps
+    for r in whole:
+        assert r["encoded_clips"] == r["clips"] * (2 + STEPS)
+    for k, want in reference["buffers"].items():
+        torch.testing.assert_close(split[0]["buffers"][k], want, atol=1e-6, rtol=1e-5, msg=k)
+        assert torch.equal(split[0]["buffers"][k], split[1]["buffers"][k]), k
+    assert reference["buffers"]
 
 
 def test_data_parallel_matches_one_process_on_both_batches(parallel_setup, reference):

@@ -1,9 +1,10 @@
 """Greedy decoding with a KV cache: equal to decoding without a cache, independent of the other rows of a
-left-padded batch, EOS stops and pads, and TP=2 gives the TP=1 tokens (2 real gloo processes).
+left-padded batch, EOS stops and pads, and TP=2 (with and without sequence parallelism) gives the TP=1 tokens
+(2 real gloo processes).
 
 One spawn of 2 processes builds a tiny JSTIPModel (speech perception + Megatron GPT with the weights of a random
-tiny HF Llama) at TP=2 and then at TP=1, decodes a batch of 2 speech and 2 text prompts of 4 different lengths,
-and returns everything the tests below compare.
+tiny HF Llama) at TP=2, at TP=2 with sequence parallelism and then at TP=1, decodes a batch of 2 speech and 2 text
+prompts of 4 different lengths, and returns everything the tests below compare.
 """
 
 from __future__ import annotations
@@ -133,9 +134,15 @@ def decode_everything(corpus: str, tokenizer_dir: str) -> dict | None:
     batch = prompts(tp2)[items]
     tp2_tokens, tp2_scores = greedy_generate(tp2.stage, batch, MAX_NEW, eos, eos, return_scores=True)
 
+    init_parallel(tp=2, sequence_parallel=True)
+    sp = build_model(tokenizer_dir, hf)
+    sp.stage.perception.load_state_dict(perception)
+    sp_tokens, sp_scores = greedy_generate(sp.stage, batch, MAX_NEW, eos, eos, return_scores=True)
+    sp_restored = sp.stage.config.sequence_parallel and sp.stage.gpt.embedding.word_embeddings.reduce_scatter_embeddings
+
     init_parallel(tp=1)  # world size 2: TP=1 x DP=2; only rank 0 goes on
     if dist.get_rank() != 0:
-        return {"tp2": tp2_tokens}
+        return {"tp2": tp2_tokens, "sp": sp_tokens}
     model = build_model(tokenizer_dir, hf)
     model.stage.perception.load_state_dict(perception)
     stage, ds = model.stage, prompts(model)
@@ -152,7 +159,8 @@ def decode_everything(corpus: str, tokenizer_dir: str) -> dict | None:
     eos_tokens = greedy_generate(stage, batch, MAX_NEW, eos, -1)
     eos_alone = greedy_generate(stage, ds[[items[0]]], MAX_NEW, eos, -1)
     return dict(
-        tp2=tp2_tokens, tp2_scores=tp2_scores, tokens=tokens, scores=scores, naive=naive_tokens,
+        tp2=tp2_tokens, tp2_scores=tp2_scores, sp=sp_tokens, sp_scores=sp_scores, sp_restored=sp_restored,
+        tokens=tokens, scores=scores, naive=naive_tokens,
         naive_scores=naive_scores, alone=alone, prompt_lens=batch["prompt_lens"], eos=eos, stop=stop,
         eos_tokens=eos_tokens, eos_alone=eos_alone, texts=decode_text(model.tokenizer, tokens),
     )
@@ -162,6 +170,7 @@ def decode_everything(corpus: str, tokenizer_dir: str) -> dict | None:
 def decoded(tiny_corpus, tokenizer_dir) -> dict:
     rank0, rank1 = spawn(decode_everything, 2, str(tiny_corpus), str(tokenizer_dir), timeout_s=240)
     assert torch.equal(rank0["tp2"], rank1["tp2"])  # both TP ranks decode the same tokens
+    assert torch.equal(rank0["sp"], rank1["sp"])
     return rank0
 
 
@@ -197,6 +206,13 @@ def test_eos_stops_and_pads(decoded):
 def test_tp2_matches_tp1(decoded):
     assert torch.equal(decoded["tp2"], decoded["tokens"])
     torch.testing.assert_close(decoded["tp2_scores"], decoded["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_tp2_with_sequence_parallelism_matches_tp1(decoded):
+    """Generation runs with SP off (a decode step has one position) and puts it back afterwards."""
+    assert torch.equal(decoded["sp"], decoded["tokens"])
+    torch.testing.assert_close(decoded["sp_scores"], decoded["scores"], atol=1e-4, rtol=1e-4)
+    assert decoded["sp_restored"]
 
 
 def test_decode_text_and_input_checks(tokenizer_dir):

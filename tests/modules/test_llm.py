@@ -128,14 +128,17 @@ def _gather(name: str, parts: list) -> torch.Tensor:
     return parts[0]
 
 
-def tp_step(tp: int, mode: str, lora_full: dict | None):
-    """Rank body: one forward/backward at this TP; returns loss, input grad and trainable grads (this rank's)."""
+def tp_step(tp: int, mode: str, lora_full: dict | None, sequence_parallel: bool = False):
+    """Rank body: one forward/backward at this TP; returns loss, input grad and trainable grads (this rank's; under
+    sequence parallelism those of parameters marked ``sequence_parallel`` summed over TP, as Megatron's
+    ``finalize_model_grads`` sums them)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
     from nemo_jstip.modules.llm import build_llm, token_loss
     from nemo_jstip.parallel.dist import init_parallel
 
-    init_parallel(tp=tp)
+    init_parallel(tp=tp, sequence_parallel=sequence_parallel)
     cfg = LLMConfig(**TINY, train_mode=mode)
     model = build_llm(cfg)
     rank = ps.get_tensor_model_parallel_rank()
@@ -148,18 +151,28 @@ def tp_step(tp: int, mode: str, lora_full: dict | None):
                 else:
                     p.copy_(_rank_slice(name, lora_full[name], rank, tp))
     ids, pos, labels = batch(model)
-    emb = model.embedding(ids, pos).detach().requires_grad_()
-    loss = token_loss(model(None, pos, None, decoder_input=emb), labels, cfg.vocab_size)
+    emb = model.embedding(ids, pos)  # [L, B, H]; under SP this rank's [L / TP, B, H]
+    if sequence_parallel:
+        emb = gather_from_sequence_parallel_region(emb)
+    emb = emb.detach().requires_grad_()
+    decoder_input = scatter_to_sequence_parallel_region(emb) if sequence_parallel else emb
+    loss = token_loss(model(None, pos, None, decoder_input=decoder_input), labels, cfg.vocab_size)
     loss.sum().backward()
     lora_now = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None and getattr(p, "sequence_parallel", False):
+            torch.distributed.all_reduce(grads[n], group=ps.get_tensor_model_parallel_group())
     return loss.detach(), emb.grad, grads, lora_now
 
 
-@pytest.mark.parametrize("mode", ["frozen", "full", "lora"])
+@pytest.mark.parametrize("mode", ["frozen", "full", "lora", "lora-sp"])
 def test_tp2_matches_tp1(mode):
+    """TP=2 gives the TP=1 loss, input gradient and parameter gradients; ``lora-sp``: with sequence parallelism."""
+    sp = mode.endswith("-sp")
+    mode = mode.removesuffix("-sp")
     loss1, dx1, grads1, lora_full = spawn(tp_step, 1, 1, mode, None)[0]
-    ranks = spawn(tp_step, 2, 2, mode, lora_full or None)
+    ranks = spawn(tp_step, 2, 2, mode, lora_full or None, sp)
     for loss2, dx2, grads2, _ in ranks:
         torch.testing.assert_close(loss2, loss1, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(dx2, dx1, atol=1e-6, rtol=1e-5)

@@ -360,3 +360,64 @@ def test_config_interpolations_resolve():
     root = OmegaConf.create({"llm": {"hidden_size": 40}, "perception": cfg})
     m = SpeechPerception(root.perception).eval()
     assert m.output_size == 40 and m(torch.randn(1, SR), torch.tensor([SR]))[0].shape[-1] == 40
+
+
+def split_encode() -> dict:
+    """Rank body (2 processes): one perception (training mode, BatchNorm) on a batch of 3 clips, encoded in shares
+    (``split_over_tp``; the share count padded with a copy) on a TP=2 group, then a CP=2 group, then whole at TP=1.
+
+    Each rank's loss is what the LLM gives it: at TP without sequence parallelism the same loss on every rank (all
+    positions); under SP and over CP its own positions only (here: alternate frames). Returns the frames, each
+    rank's parameter gradients and the BatchNorm running statistics of every case."""
+    from nemo_jstip.parallel.dist import init_parallel
+
+    g = torch.Generator().manual_seed(1)
+    audio = 0.1 * torch.randn(3, 2 * SR, generator=g)
+    lens = torch.tensor([2 * SR, SR + 123, SR // 2])
+    cfg = _config(n_layers=1)
+    cfg["preprocessor"]["dither"] = 0.0  # no RNG in the forward: shares and the whole batch compute one function
+    cfg["encoder"].update(dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0)
+
+    def run(partial: bool) -> dict:
+        torch.manual_seed(0)
+        model = SpeechPerception(cfg).train()
+        frames, frame_lens = model(audio, lens, partial_grads=partial)
+        weight = torch.randn(frames.shape, generator=torch.Generator().manual_seed(2))
+        if partial:
+            rank = torch.distributed.get_rank()
+            weight = weight * (torch.arange(frames.shape[1]) % 2 == rank)[:, None]
+        (frames * weight).sum().backward()
+        return {"frames": frames.detach(), "frame_lens": frame_lens,
+                "grads": {k: p.grad.clone() for k, p in model.named_parameters()},
+                "buffers": {k: b.clone() for k, b in model.named_buffers() if "running" in k}}
+
+    out = {}
+    init_parallel(tp=2)
+    out["tp"], out["tp_sp"] = run(False), run(True)
+    init_parallel(cp=2)
+    out["cp"] = run(True)
+    init_parallel(tp=1)
+    out["whole"] = run(False)
+    return out
+
+
+def test_split_over_tp_and_cp_equals_one_rank():
+    """Frames, BatchNorm statistics and (summed over the group, as the engine and DDP sum them) gradients of a
+    perception split over TP=2 (with and without SP) or CP=2 equal one rank's on the whole batch."""
+    from nemo_jstip.parallel.dist import spawn
+
+    r0, r1 = spawn(split_encode, 2, timeout_s=120)
+    whole = r0["whole"]
+    assert len(whole["grads"]) > 10 and any("batch_norm" in k for k in whole["buffers"])
+    top = max(g.abs().max().item() for g in whole["grads"].values())
+    for case in ("tp", "tp_sp", "cp"):
+        for r in (r0, r1):
+            torch.testing.assert_close(r[case]["frames"], whole["frames"], atol=1e-5, rtol=1e-5)
+            assert torch.equal(r[case]["frame_lens"], whole["frame_lens"])
+            for k, b in whole["buffers"].items():
+                torch.testing.assert_close(r[case]["buffers"][k], b, atol=1e-6, rtol=1e-5, msg=f"{case} {k}")
+                assert torch.equal(r0[case]["buffers"][k], r1[case]["buffers"][k])  # the same on the group's ranks
+        diff = max((r0[case]["grads"][k] + r1[case]["grads"][k] - g).abs().max().item()
+                   for k, g in whole["grads"].items())
+        print(f"{case}: max |sum of the ranks' grads - whole| = {diff:.2e} (largest gradient {top:.2e})")
+        assert diff <= 1e-5 * top, case

@@ -21,3 +21,15 @@ def test_strategy_config_rejects_unknown_keys():
     assert (s.tp, s.pp, s.seed) == (2, 1, 7)
     with pytest.raises(ValueError, match=r"strategy: unknown key\(s\) \['tensor_parallel_size'\]"):
         MegatronStrategy.from_config({"tensor_parallel_size": 2})
+
+
+def test_sequence_parallel_is_a_layout_option_that_needs_tp2():
+    layout = ParallelLayout.for_world(4, tp=2, cp=2, sequence_parallel=True)
+    assert layout.describe() == "parallel layout: tp=2 pp=1 cp=2 dp=1 sequence_parallel=True"
+    assert layout.sequence_multiple == 8 and ParallelLayout(tp=2, sequence_parallel=True).sequence_multiple == 2
+    assert ParallelLayout(tp=2).sequence_multiple == 1 and ParallelLayout(cp=2).sequence_multiple == 4
+    with pytest.raises(ValueError, match="sequence_parallel=True needs tensor_model_parallel_size >= 2"):
+        ParallelLayout.for_world(2, tp=1, sequence_parallel=True)
+    assert MegatronStrategy.from_config({"tensor_model_parallel_size": 2, "sequence_parallel": True}).sequence_parallel
+    with pytest.raises(ValueError, match="got TP=1"):  # at construction, before any process starts
+        MegatronStrategy.from_config({"sequence_parallel": True})
