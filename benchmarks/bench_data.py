@@ -13,7 +13,7 @@ Prints three tables:
 2. batches/s through a ``DataLoader`` with and without audio loading, 0 and 2 workers (worker start-up excluded);
    the same batches as in 1 (the first ``batches`` of epoch 0, default all of it);
 3. padding share over one epoch (real lengths from the dataset), with and without bucketing, with the ASR-bound
-   and the exact interleaved cost.
+   and the exact interleaved cost, and packed (``sampler.pack``: several examples per row of 512 positions).
 """
 import subprocess
 import sys
@@ -42,10 +42,11 @@ def setup(corpus: Path):
     return cuts, texts, ExampleBuilder(tokenizer, FrameSpec(), InterleaveConfig())
 
 
-def make_sampler(cuts, texts, builder, max_tokens, num_buckets, exact=True, epoch=0):
+def make_sampler(cuts, texts, builder, max_tokens, num_buckets, exact=True, epoch=0, pack=False):
     streams = [Stream(cuts, "asr", 0.4), Stream(cuts, "interleaved", 0.4), Stream(texts, "text", 0.2, repeat=True)]
     cost = make_cost_fn(builder, exact=exact)
-    s = InterleavingSampler(streams, cost, max_tokens=max_tokens, max_item_cost=512, num_buckets=num_buckets, seed=0)
+    s = InterleavingSampler(streams, cost, max_tokens=max_tokens, max_item_cost=512, num_buckets=num_buckets, seed=0,
+                            pack=pack)
     cost.follow(s)
     s.set_epoch(epoch)
     return s
@@ -107,17 +108,16 @@ def main(corpus_dir="/tmp/c", batches="all", max_tokens="4096", num_buckets="16"
     # 3. padding over one epoch
     print("\n| buckets | interleaved cost | batches | mean size | real tokens (sampler cost) | real tokens (dataset) |")
     print("|---|---|---|---|---|---|")
-    for buckets in (1, num_buckets):
-        for exact in (False, True):
-            s = make_sampler(cuts, texts, builder, max_tokens, buckets, exact=exact)
-            real = padded = items_ = nb = 0
-            for b in s:
-                o = layout[b]
-                real, padded = real + o["token_stats"]["real_tokens"], padded + o["token_stats"]["padded_tokens"]
-                items_, nb = items_ + len(b), nb + 1
-            print(f"| {buckets} | {'exact' if exact else 'ASR bound'} | {nb} | {items_ / nb:.1f} | "
-                  f"{1 - s.padding_share:.1%} | {real / padded:.1%} |")
-
+    for buckets, exact, pack in [(1, False, False), (1, True, False), (num_buckets, False, False),
+                                 (num_buckets, True, False), ("packed", True, True)]:
+        s = make_sampler(cuts, texts, builder, max_tokens, 1 if pack else buckets, exact=exact, pack=pack)
+        real = padded = items_ = nb = 0
+        for b in s:
+            o = layout[b]
+            real, padded = real + o["token_stats"]["real_tokens"], padded + o["token_stats"]["padded_tokens"]
+            items_, nb = items_ + len(b), nb + 1
+        print(f"| {buckets} | {'exact' if exact else 'ASR bound'} | {nb} | {items_ / nb:.1f} | "
+              f"{1 - s.padding_share:.1%} | {real / padded:.1%} |")
 
 if __name__ == "__main__":
     main(**dict(a.split("=", 1) for a in sys.argv[1:]))
