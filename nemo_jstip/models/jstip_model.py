@@ -235,7 +235,8 @@ class JSTIPModel(ModelPT):
         if self._engine is None:
             cfg = EngineConfig(use_distributed_optimizer=self.use_distributed_optimizer,
                                max_grad_norm=self.cfg.get("max_grad_norm"))
-            engine = MegatronEngine(self.stage, self.layout, cfg, self.tokenizer.pad_token_id or 0)
+            with torch.enable_grad():  # Megatron's DDP hooks each parameter's grad accumulator: not under no_grad
+                engine = MegatronEngine(self.stage, self.layout, cfg, self.tokenizer.pad_token_id or 0)
             logging.info(engine.describe())
             self.__dict__["_engine"] = engine  # not a submodule: same parameters, no duplicate state-dict keys
         return self._engine

@@ -1,4 +1,4 @@
-"""JSTIPModel pieces that need no parallel layout: optimizer parameter groups."""
+"""JSTIPModel pieces that need no parallel layout: optimizer parameter groups, the engine built on first use."""
 
 import torch
 
@@ -24,3 +24,23 @@ def optimizer_groups(setup_path) -> list[tuple[float, int]]:
 def test_speech_side_gets_its_own_learning_rate(parallel_setup):
     (groups, total, speech), = spawn(optimizer_groups, 1, parallel_setup)
     assert groups == [(1e-3, total - speech), (5e-3, speech)]
+
+
+def loss_first_under_no_grad(setup_path) -> tuple[float, float]:
+    """Rank body: the first use of the model is a loss under ``torch.no_grad`` (the engine is built there), then
+    a training step."""
+    from omegaconf import OmegaConf
+
+    from nemo_jstip.models.jstip_model import JSTIPModel
+
+    data = torch.load(setup_path, weights_only=False)
+    model = JSTIPModel(OmegaConf.create(data["cfg"]))
+    with torch.no_grad():
+        before = model.loss(data["batches"])["loss"]
+    model.setup_optimization(OmegaConf.create({"name": "adamw", "lr": 1e-3}))
+    return before, model.engine.train_step(data["batches"])["loss"]
+
+
+def test_loss_under_no_grad_before_training(parallel_setup):
+    (before, trained), = spawn(loss_first_under_no_grad, 1, parallel_setup)
+    assert before == trained > 0  # the training step's forward saw the same weights
