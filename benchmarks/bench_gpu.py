@@ -174,31 +174,6 @@ def engine_step(model, optimizer):
     return lambda batches: model.engine.train_step(batches)["loss"]
 
 
-def use_foreach_multi_tensor() -> None:
-    """Megatron's multi-tensor helpers (grad norm, clip scaling, main -> model weight copies) as torch._foreach ops.
-    Without TE or apex, megatron-core falls back to per-tensor loops whose l2 norm reads every norm to the host: one
-    sync per parameter per step (~650 here)."""
-    from megatron.core.optimizer import clip_grads, optimizer
-
-    def l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-        norms = torch._foreach_norm(tensor_lists[0], 2.0)
-        return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
-
-    def scale(chunk_size, noop_flag, tensor_lists, factor):
-        src, dst = tensor_lists
-        if factor == 1.0:
-            torch._foreach_copy_(dst, src)
-        elif all(a is b for a, b in zip(src, dst)):
-            torch._foreach_mul_(dst, factor)
-        else:
-            torch._foreach_copy_(dst, torch._foreach_mul(src, factor))
-
-    clip_grads.l2_norm_impl = l2norm
-    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = scale
-    # main -> bf16 model weights after each step: a copy_ per parameter otherwise (Megatron has no bf16 kernel)
-    optimizer._multi_tensor_copy_this_to_that = lambda this, that, overflow_buf=None: torch._foreach_copy_(that, this)
-
-
 def compile_layers(model, mode: str) -> int:
     """torch.compile every LLM decoder layer and Conformer layer in place (names and parameters unchanged)."""
     from megatron.core import parallel_state as ps
@@ -347,7 +322,9 @@ def main(argv=None) -> list[dict]:
           f"foreach {a.foreach}, compile {a.compile}; "
           f"speech {a.speech_frac:.0%} of positions from {a.audio_seconds:g} s clips; {a.warmup} warmup + {a.steps} steps")
     if a.foreach:
-        use_foreach_multi_tensor()
+        from nemo_jstip.parallel.cpu import foreach_multi_tensor
+
+        foreach_multi_tensor()
     results = []
     for name in names:
         try:

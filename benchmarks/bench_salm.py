@@ -151,6 +151,9 @@ def build_salm(jstip, model_cfg: dict, tmp: Path):
     enc.setdefault("sync_max_audio_length", False)  # as SpeechPerception does: no all-reduce per forward
     pre = {"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
            **_plain(ours.cfg.preprocessor)}
+    # SALM runs its parameter-less preprocessor in eval mode (no dither) while training; ours dithers as NeMo's
+    # ASR models do: off here, so that both steps compute the same
+    ours.preprocessor.featurizer.dither = 0.0
     cfg = {
         "pretrained_llm": str(tmp / "salm_llm"), "tokenizer_path": str(tmp / "salm_tok"),
         "pretrained_weights": False, "audio_locator_tag": AUDIO_TOKEN, "prompt_format": "plain",

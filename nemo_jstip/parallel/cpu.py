@@ -21,6 +21,8 @@ does nothing, so the GPU path runs Megatron unpatched. Without CUDA it patches, 
    subclass that keeps its named states as CPU generator states, and ``_get/_set_cuda_rng_state`` read/write
    the CPU generator. So ``model_parallel_cuda_manual_seed`` works, dropout inside ``tracker.fork()`` draws
    from the tensor-parallel stream, and activation recompute restores the right state.
+5. Megatron's multi-tensor fallbacks without TE/apex (grad norm, clip scaling, weight copies) as
+   ``torch._foreach`` ops (``foreach_multi_tensor``): the same results, one op per list instead of per tensor.
 
 Measured to work with it (tests/parallel/test_cpu_shim.py): RNG tracker + dropout + recompute, TP, PP 1F1B,
 plain ``dist_checkpointing.save/load`` (resharding TP=2 -> 1). Sequence parallelism needs nothing here: gloo in
@@ -237,8 +239,43 @@ def apply() -> bool:
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom.CudaRNGStatesTracker
     ):  # a CUDA tracker made before apply() cannot work here: let the next seed call rebuild it
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    _originals["multi-tensor"] = foreach_multi_tensor()
     _applied = True
     return True
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    norms = torch._foreach_norm(tensor_lists[0], 2.0)
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, factor):
+    src, dst = tensor_lists
+    if factor == 1.0:
+        torch._foreach_copy_(dst, src)
+    elif all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, factor)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, factor))
+
+
+def _foreach_copy(this, that, overflow_buf=None):
+    torch._foreach_copy_(that, this)
+
+
+def foreach_multi_tensor() -> tuple:
+    """Megatron's multi-tensor helpers (grad norm, clip scaling, main -> model weight copies) as ``torch._foreach``
+    ops, replacing megatron-core's fallbacks without TE or apex: a Python loop with one op per tensor (and, in the
+    l2 norm, one host read per tensor). Part of ``apply()``; ``benchmarks/bench_gpu.py --foreach`` applies it on a
+    GPU without TE/apex to measure it. Returns the replaced functions."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    old = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl,
+           optimizer._multi_tensor_copy_this_to_that)
+    clip_grads.l2_norm_impl = _foreach_l2_norm
+    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = _foreach_scale
+    optimizer._multi_tensor_copy_this_to_that = _foreach_copy
+    return old
 
 
 def remove() -> None:
@@ -263,4 +300,8 @@ def remove() -> None:
      optimizer.Float16OptimizerWithFloat16Params.__init__) = _originals.pop("type()")
     mrandom.CudaRNGStatesTracker, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = _originals.pop("random")
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    from megatron.core.optimizer import clip_grads
+
+    (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl,
+     optimizer._multi_tensor_copy_this_to_that) = _originals.pop("multi-tensor")
     _applied = False

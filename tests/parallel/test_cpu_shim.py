@@ -181,3 +181,26 @@ def test_dist_checkpoint_tp2_save_tp1_load(tmp_path):
     torch.testing.assert_close(saved[0], saved[1])
     (loaded,) = spawn(checkpoint_round, 1, 1, str(tmp_path), False)
     torch.testing.assert_close(loaded, saved[0], atol=1e-6, rtol=1e-5)
+
+
+def test_foreach_multi_tensor_matches_megatrons_fallbacks():
+    """The shim's foreach grad norm, scaling and copy give megatron-core's per-tensor fallbacks' results."""
+    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+    cpu.apply()
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n in (3, 64, 1000, 7)]
+    want = local_multi_tensor_l2_norm(0, None, [grads], False)[0]
+    got = cpu._foreach_l2_norm(0, None, [grads], False)[0]
+    torch.testing.assert_close(got, want.to(got.device), rtol=1e-6, atol=0)
+    for factor in (1.0, 0.37):
+        for same in (True, False):
+            src = [g.clone() for g in grads]
+            dst_want, dst_got = ([s if same else torch.zeros_like(s) for s in [x.clone() for x in src]] for _ in "ab")
+            local_multi_tensor_scale(0, None, [src if not same else dst_want, dst_want], factor)
+            cpu._foreach_scale(0, None, [src if not same else dst_got, dst_got], factor)
+            for a, b in zip(dst_got, dst_want):
+                assert torch.equal(a, b)
+    that = [torch.zeros_like(g) for g in grads]
+    cpu._foreach_copy(grads, that)
+    assert all(torch.equal(a, b) for a, b in zip(grads, that))
