@@ -1,15 +1,13 @@
 """benchmarks/gpu_check.sh (the prepared single-GPU run) without a GPU: its record step assembles gpu_check.json from a
-finished run's files, and bench_gpu.py's --foreach helpers compute what Megatron's multi-tensor fallbacks compute.
+finished run's files.
 The whole script at tiny size on the CPU is `bash benchmarks/gpu_check.sh OUT --dry-run` (minutes; needs the carried
 corpus, see docs/perf.md)."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks/gpu_check.sh"
@@ -70,42 +68,3 @@ def test_record_from_a_finished_run(tmp_path):
     assert rec["eval"] == {"num_utterances": 6, "wer": 1.0, "rtfx": 50.0}
     assert rec["steps"]["train_to_20"] == {"exit": 0, "seconds": 70}
     assert json.loads((out / "eval.json").read_text())["hypotheses"][0]["cut_id"] == "a"
-
-
-def _bench_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks/bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_foreach_multi_tensor_helpers(monkeypatch):
-    """--foreach replaces Megatron's per-tensor fallbacks (grad norm, clip scaling, main -> model weight copies)
-    with torch._foreach ops: the same numbers."""
-    from megatron.core.optimizer import clip_grads, optimizer
-
-    for module, name in ((clip_grads, "l2_norm_impl"), (clip_grads, "multi_tensor_scale_impl"),
-                         (optimizer, "multi_tensor_scale_impl"), (optimizer, "_multi_tensor_copy_this_to_that")):
-        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
-    _bench_gpu().use_foreach_multi_tensor()
-    g = torch.Generator().manual_seed(0)
-    grads = [torch.randn(n, generator=g) for n in (3, 64, 1000)]
-    norm, _ = clip_grads.l2_norm_impl(2048 * 32, None, [grads], False)
-    torch.testing.assert_close(norm, torch.linalg.vector_norm(torch.cat(grads)).reshape(1))
-    clipped = [t.clone() for t in grads]
-    clip_grads.multi_tensor_scale_impl(2048 * 32, None, [clipped, clipped], 0.5)  # in place, as clip_grads calls it
-    for a, b in zip(clipped, grads):
-        torch.testing.assert_close(a, 0.5 * b)
-    model = [t.bfloat16() for t in grads]
-    main = [torch.zeros_like(t) for t in grads]
-    optimizer.multi_tensor_scale_impl(2048 * 32, None, [model, main], 1.0)  # bf16 -> fp32 copy
-    for a, b in zip(main, model):
-        assert a.dtype == torch.float32 and torch.equal(a, b.float())
-    weights = [torch.zeros_like(t, dtype=torch.bfloat16) for t in grads]
-    optimizer._multi_tensor_copy_this_to_that(grads, weights)  # fp32 main -> bf16 model weights
-    for a, b in zip(weights, grads):
-        assert torch.equal(a, b.bfloat16())
-    scaled = [torch.zeros_like(t) for t in grads]
-    optimizer.multi_tensor_scale_impl(2048 * 32, None, [grads, scaled], 2.0)
-    for a, b in zip(scaled, grads):
-        torch.testing.assert_close(a, 2.0 * b)

@@ -183,24 +183,33 @@ def test_dist_checkpoint_tp2_save_tp1_load(tmp_path):
     torch.testing.assert_close(loaded, saved[0], atol=1e-6, rtol=1e-5)
 
 
-def test_foreach_multi_tensor_matches_megatrons_fallbacks():
-    """The shim's foreach grad norm, scaling and copy give megatron-core's per-tensor fallbacks' results."""
-    from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+def test_foreach_multi_tensor_helpers(monkeypatch):
+    """The shim replaces Megatron's per-tensor fallbacks (grad norm, clip scaling, main -> model weight copies)
+    with torch._foreach ops: the same numbers."""
+    from megatron.core.optimizer import clip_grads, optimizer
 
-    cpu.apply()
-    gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(n, generator=gen) for n in (3, 64, 1000, 7)]
-    want = local_multi_tensor_l2_norm(0, None, [grads], False)[0]
-    got = cpu._foreach_l2_norm(0, None, [grads], False)[0]
-    torch.testing.assert_close(got, want.to(got.device), rtol=1e-6, atol=0)
-    for factor in (1.0, 0.37):
-        for same in (True, False):
-            src = [g.clone() for g in grads]
-            dst_want, dst_got = ([s if same else torch.zeros_like(s) for s in [x.clone() for x in src]] for _ in "ab")
-            local_multi_tensor_scale(0, None, [src if not same else dst_want, dst_want], factor)
-            cpu._foreach_scale(0, None, [src if not same else dst_got, dst_got], factor)
-            for a, b in zip(dst_got, dst_want):
-                assert torch.equal(a, b)
-    that = [torch.zeros_like(g) for g in grads]
-    cpu._foreach_copy(grads, that)
-    assert all(torch.equal(a, b) for a, b in zip(grads, that))
+    for module, name in ((clip_grads, "l2_norm_impl"), (clip_grads, "multi_tensor_scale_impl"),
+                         (optimizer, "multi_tensor_scale_impl"), (optimizer, "_multi_tensor_copy_this_to_that")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    cpu.foreach_multi_tensor()
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g) for n in (3, 64, 1000)]
+    norm, _ = clip_grads.l2_norm_impl(2048 * 32, None, [grads], False)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(torch.cat(grads)).reshape(1))
+    clipped = [t.clone() for t in grads]
+    clip_grads.multi_tensor_scale_impl(2048 * 32, None, [clipped, clipped], 0.5)  # in place, as clip_grads calls it
+    for a, b in zip(clipped, grads):
+        torch.testing.assert_close(a, 0.5 * b)
+    model = [t.bfloat16() for t in grads]
+    main = [torch.zeros_like(t) for t in grads]
+    optimizer.multi_tensor_scale_impl(2048 * 32, None, [model, main], 1.0)  # bf16 -> fp32 copy
+    for a, b in zip(main, model):
+        assert a.dtype == torch.float32 and torch.equal(a, b.float())
+    weights = [torch.zeros_like(t, dtype=torch.bfloat16) for t in grads]
+    optimizer._multi_tensor_copy_this_to_that(grads, weights)  # fp32 main -> bf16 model weights
+    for a, b in zip(weights, grads):
+        assert torch.equal(a, b.bfloat16())
+    scaled = [torch.zeros_like(t) for t in grads]
+    optimizer.multi_tensor_scale_impl(2048 * 32, None, [grads, scaled], 2.0)
+    for a, b in zip(scaled, grads):
+        torch.testing.assert_close(a, 2.0 * b)
