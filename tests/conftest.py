@@ -34,7 +34,7 @@ def tiny_corpus_config(out_dir, **overrides) -> CorpusConfig:
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
-    """A small embedded corpus (about 100 utterances, a few seconds to build), shared by the test run (a session-scoped fixture)."""
+    """A small embedded corpus (about 100 utterances, a few seconds to build), built once per test run."""
     cfg = tiny_corpus_config(tmp_path_factory.mktemp("corpus") / "tiny")
     return build_corpus(cfg)
 
