@@ -125,9 +125,15 @@ class JSTIPModel(ModelPT):
             if not path:
                 raise NemoCheckpointError("restoring a JSTIPModel without AppState().model_restore_path: use "
                                           "ModelPT.restore_from or JSTIPModel.restore_from")
-            with vetted_nemo(path, type(self)) as (folder, cfg):
-                self._build(cfg, trainer)
-                load_restored_weights(self, folder, path)
+            try:
+                with vetted_nemo(path, type(self)) as (folder, cfg):
+                    self._build(cfg, trainer)
+                    load_restored_weights(self, folder, path)
+            except BaseException:
+                # NeMo's connector resets its "being restored" state only after a successful load: left set, every
+                # NeMo model built later in this process would take itself for a restore (and skip its data setup)
+                self._set_model_restore_state(is_being_restored=False)
+                raise
             self._weights_restored = True  # what NeMo loads next is the empty model_weights.ckpt
             return
         self._build(cfg, trainer)
