@@ -57,13 +57,14 @@ def _stem(name: str) -> str:
 
 class _Shards:
     """Metadata files paired with audio tars; ``iter_from`` yields ``(cut, [shard, offset])`` with each cut's tar
-    location attached. Subclasses say how a metadata file is read (``_items``) and where a cut's audio is (``_key``)."""
+    location attached. Subclasses say how a metadata file is read (``_items``), which tar member a cut's audio is
+    (``_key``) and what a member's name is keyed by (``_member_key``, None: not audio)."""
 
     def __init__(self, meta: list, tars: list, tag: Callable):
         if not meta:
             raise FileNotFoundError("no metadata shards given")
         if len(meta) != len(tars):
-            raise InputFileError(f"{len(meta)} metadata shards but {len(tars)} audio tars: {meta[0]} ... / "
+            raise InputFileError(f"{len(meta)} metadata shards but {len(tars)} audio tars: {meta[0].path} ... / "
                                  f"{tars[0] if tars else 'none'} ...")
         self.meta, self.tars, self.tag = meta, [str(t) for t in tars], tag
 

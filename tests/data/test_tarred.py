@@ -110,6 +110,8 @@ def test_nemo_tarred_gives_the_jsonl_examples(tiny_corpus, nemo_tarred, jstip_to
     same(jsonl, tarred)
     with pytest.raises(ValueError, match="no word alignments"):
         epoch({**entry, "kind": "interleaved"}, jstip_tokenizer)
+    with pytest.raises(InputFileError, match=r"2 metadata shards but 1 audio tars: .*manifest_0.json"):
+        epoch({**entry, "tarred_audio_filepaths": str(nemo_tarred / "audio_0.tar"), "kind": "asr"}, jstip_tokenizer)
     with (nemo_tarred / "manifest_1.json").open("a") as f:
         f.write("{not json\n")
     with pytest.raises(InputFileError, match=r"manifest_1.json:\d+: not a NeMo manifest entry"):
