@@ -409,10 +409,9 @@ class JSTIPDataset(torch.utils.data.Dataset):
         row = np.asarray(packed if packed is not None else np.arange(len(examples)), dtype=np.int64)
         B, m = int(row.max(initial=-1)) + 1, int(self.cfg.pad_to_multiple)
         row_lens = np.bincount(row, weights=lens, minlength=B).astype(np.int64)
-        offset = np.zeros(len(examples), dtype=np.int64)  # where each example starts in its row
-        for r in range(B):
-            mine = row == r
-            offset[mine] = np.cumsum(lens[mine]) - lens[mine]
+        order = np.argsort(row, kind="stable")  # examples grouped by row, in their order within it
+        offset = np.empty(len(examples), dtype=np.int64)  # where each example starts in its row
+        offset[order] = np.cumsum(lens[order]) - lens[order] - (np.cumsum(row_lens) - row_lens)[row[order]]
         L = -(-int(row_lens.max(initial=0)) // m) * m
         rows = np.repeat(row, lens)
         starts = np.cumsum(lens) - lens

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 from lhotse import CutSet
 from lhotse.dataset.sampling.base import CutSampler, SamplingConstraint
 from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
@@ -199,17 +200,21 @@ def _item_from(d: dict):
     return deserialize_item(json.loads(d["cut"]))
 
 
+def _first_fit(fills: list[int], cost: int, length: int) -> int:
+    """The first row (of filled ``fills``) with room for ``cost`` in ``length`` tokens, else ``len(fills)``."""
+    return next((r for r, f in enumerate(fills) if f + cost <= length), len(fills))
+
+
 def pack_rows(costs: Sequence[int], length: int) -> list[int]:
     """First fit, in order: the row of each item when items are packed into rows of ``length`` tokens (an item
     longer than ``length`` gets a row of its own). The sampler and the dataset both call it on the same costs, so
     they agree on the rows."""
     fills, rows = [], []
     for c in costs:
-        r = next((r for r, f in enumerate(fills) if f + c <= length), len(fills))
+        rows.append(r := _first_fit(fills, c, length))
         if r == len(fills):
             fills.append(0)
         fills[r] += c
-        rows.append(r)
     return rows
 
 
@@ -223,10 +228,8 @@ class MixedBatch(list):
         costs = [item_cost(it) for it in self]
         self.real_tokens = sum(costs)
         if pack_length:
-            fills = Counter()
-            for r, c in zip(pack_rows(costs, pack_length), costs):
-                fills[r] += c
-            self.padded_tokens = len(fills) * max(fills.values())
+            fills = np.bincount(pack_rows(costs, pack_length), weights=costs)
+            self.padded_tokens = len(fills) * int(fills.max())
         else:
             self.padded_tokens = len(costs) * max(costs)
 
@@ -495,7 +498,7 @@ class InterleavingSampler(CutSampler):
         while j < len(bucket) and len(kept) < PACK_LOOKAHEAD and len(batch) < (self.max_batch_size or len(bucket)):
             it, j = bucket[j], j + 1
             c = item_cost(it)
-            r = next((r for r, f in enumerate(fills) if f + c <= length), len(fills))
+            r = _first_fit(fills, c, length)
             if r == n_rows:
                 kept.append(it)
                 continue
