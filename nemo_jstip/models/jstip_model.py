@@ -44,8 +44,8 @@ from nemo_jstip.data.frames import FrameSpec
 from nemo_jstip.data.health import DataHealth
 from nemo_jstip.data.interleave import InterleaveConfig
 from nemo_jstip.modules.hf_import import llm_section, load_hf_weights, read_hf_weights
-from nemo_jstip.modules.llm import (LLMConfig, block_causal_mask, build_llm, resolve_layer_spec, token_loss,
-                                    transformer_config)
+from nemo_jstip.modules.llm import (LLMConfig, block_causal_mask, build_llm, labelled_token_loss,
+                                    resolve_layer_spec, transformer_config)
 from nemo_jstip.modules.perception import SpeechPerception
 from nemo_jstip.parallel.dist import compute_device, init_parallel
 from nemo_jstip.parallel.engine import EngineConfig, MegatronEngine
@@ -106,11 +106,9 @@ class JSTIPStage(torch.nn.Module):
         """Last stage: per-token loss [B, L]; other stages: hidden states for the next stage."""
         decoder_input = self.embed(batch) if self.gpt.pre_process else None
         segments = batch.get("segment_ids")  # a packed batch: attention stays within each example
-        out = self.gpt(input_ids=None, position_ids=batch.get("position_ids"), decoder_input=decoder_input,
-                       attention_mask=None if segments is None else block_causal_mask(segments))
-        if not self.gpt.post_process:
-            return out
-        return token_loss(out.float(), batch["labels"], self.vocab_size)
+        return self.gpt(input_ids=None, position_ids=batch.get("position_ids"), decoder_input=decoder_input,
+                        attention_mask=None if segments is None else block_causal_mask(segments),
+                        labels=batch["labels"], output_processor=labelled_token_loss, output_processor_context=self.vocab_size)
 
 
 class JSTIPModel(ModelPT):

@@ -15,9 +15,12 @@ like its weight; a row-parallel layer splits A by input columns like its weight 
 own Megatron LoRA (``LoraConfig(megatron_config=...)``) does not run with peft 0.21.2 + megatron-core 0.19
 (KeyErrors during injection, and Megatron linears return ``(out, bias)`` tuples it does not expect).
 
-Loss: ``token_loss`` is megatron's ``vocab_parallel_cross_entropy`` on the vocab-sharded logits, with the
-padded vocab rows masked out and ignored labels zeroed. ``GPTModel(labels=...)`` computes the same per-token
-loss but lets padded vocab entries (logit 0) into the softmax and has no ignore index.
+Loss: ``token_loss`` is megatron's ``vocab_parallel_cross_entropy`` on the vocab-sharded logits (torch's fused
+``cross_entropy`` when the vocabulary is not split), with the padded vocab rows left out and ignored labels zeroed.
+``GPTModel(labels=...)`` computes the same per-token loss but lets padded vocab entries (logit 0) into the softmax
+and has no ignore index. ``labelled_token_loss`` is GPTModel's ``output_processor`` for training: the output layer
+and the loss run on the labelled positions only (a JSTIP sequence's speech frames and prompts have no labels), so
+no ``[L, B, V]`` logits exist.
 """
 
 from __future__ import annotations
@@ -175,6 +178,8 @@ def transformer_config(cfg: LLMConfig, **overrides):
         masked_softmax_fusion=fused,
         apply_rope_fusion=fused,
         bias_activation_fusion=fused and cfg.swiglu,
+        # Megatron's hook for an activation module (named for TE's): the local spec's SwiGLU, see layer_spec
+        use_te_activation_func=spec == "local" and cfg.swiglu,
     )
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
@@ -194,6 +199,8 @@ def layer_spec(cfg: LLMConfig):
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
         spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
+        if cfg.swiglu:  # MLP calls it when the config sets use_te_activation_func (transformer_config)
+            spec.submodules.mlp.keywords["submodules"].activation_func = SwiGLU
         spec = _with_torch_norms(spec)
     if cfg.train_mode == "lora":
         spec = _lora_layer_spec(spec, cfg)
@@ -246,6 +253,40 @@ def block_spec(cfg: LLMConfig, config, vp_stage: int | None = None):
         return spec  # Megatron's block: TE's final norm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=TorchNorm)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """``silu(a) * b`` for ``x = [a | b]`` (the fused FC1 output): the backward writes both halves' gradients into one
+    buffer, where autograd would build them apart and concatenate (the chunk's backward); same saved memory."""
+
+    @staticmethod
+    def forward(ctx, x):
+        a, b = x.chunk(2, dim=-1)
+        act = F.silu(a)
+        ctx.save_for_backward(x, act)
+        return act * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, act = ctx.saved_tensors
+        a, b = x.chunk(2, dim=-1)
+        dx = torch.empty_like(x)
+        da, db = dx.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * b, a, grad_input=da)
+        torch.mul(grad, act, out=db)
+        return dx
+
+
+class SwiGLU(torch.nn.Module):
+    """The local spec's MLP activation (Megatron's ``MLPSubmodules.activation_func``): the gated SiLU of the fused
+    ``[gate | up]`` FC1 output, exactly what Megatron's unfused ``glu`` computes, without the concatenation in the
+    backward (a third of the activation's time on the CPU: benchmarks/bench_salm.py)."""
+
+    def __init__(self, config=None):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SwiGLUFunction.apply(x)
 
 
 _SDPA_MASKS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
@@ -366,6 +407,12 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | Non
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    ignored = labels < 0
+    if ps.get_tensor_model_parallel_world_size() == 1:  # the whole vocabulary here: one fused kernel
+        flat = logits[..., :vocab_size].reshape(-1, min(vocab_size or logits.shape[-1], logits.shape[-1]))
+        loss = F.cross_entropy(flat, labels.masked_fill(ignored, ignore_index).reshape(-1), reduction="none",
+                               ignore_index=ignore_index)
+        return loss.view(labels.shape)
     if vocab_size is not None:
         local = logits.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * local
@@ -373,9 +420,34 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | Non
         if n_valid < local:
             pad = torch.arange(local, device=logits.device) >= n_valid
             logits = logits.masked_fill(pad, float("-inf"))
-    ignored = labels < 0
     loss = vocab_parallel_cross_entropy(logits, labels.masked_fill(ignored, 0))
     return loss.masked_fill(ignored, 0.0)
+
+
+def labelled_token_loss(*, hidden_states: torch.Tensor, output_layer, output_weight, labels: torch.Tensor,
+                        context: int, scale_logits, **_) -> torch.Tensor:
+    """``GPTModel(output_processor=...)`` for training: the per-token loss ``[B, L]`` (0 where unlabelled) from the
+    final hidden states ``[L, B, H]``, through the output layer on the labelled positions only. ``context`` is the
+    real vocabulary size.
+
+    Under sequence parallelism each TP rank holds ``L / TP`` positions and the output layer all-gathers its input
+    along the first dimension, so every rank passes the same number of rows: its own labelled positions, padded
+    with unlabelled ones up to the largest count of any rank (labels are whole on every rank: no communication).
+    Costs one host read of that count per microbatch."""
+    from megatron.core.utils import get_pg_rank, get_pg_size
+
+    tp = get_pg_size(output_layer.tp_group) if output_layer.sequence_parallel else 1
+    rank = get_pg_rank(output_layer.tp_group) if tp > 1 else 0
+    L, B = labels.shape[1], labels.shape[0]
+    lab = labels.T.reshape(tp, L // tp * B)  # each rank's positions, flattened as its hidden states [L / TP, B]
+    keep = lab >= 0
+    n = int(keep.sum(1).max())
+    pick = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]  # labelled first, then padding
+    x = hidden_states.flatten(0, 1).index_select(0, pick[rank]).unsqueeze(1)  # [n, 1, H]
+    logits, _ = output_layer(x, weight=output_weight)  # [TP * n, 1, V / TP] under SP (rank order), else [n, 1, ...]
+    loss = token_loss(scale_logits(logits).squeeze(1).float(), lab.gather(1, pick).flatten(), context)
+    where = (pick + torch.arange(tp, device=pick.device)[:, None] * pick.new_tensor(lab.shape[1])).flatten()
+    return loss.new_zeros(L * B).index_put((where,), loss).view(L, B).T
 
 
 def gather_logits(logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:

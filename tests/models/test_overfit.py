@@ -17,9 +17,13 @@ def _overfit(cfg: dict, manifest: str, steps: int) -> list[dict]:
     model = JSTIPModel(cfg)
     model.setup_training_data(cfg.train_ds)
     model.setup_optimization(cfg.optim)
+    # the LR falls to 0 over the last third: each step draws new interleavings of the four cuts (mode mixed), and
+    # at a constant LR the last step's model is wherever that step's draw put it
+    decay = torch.optim.lr_scheduler.LambdaLR(model._optimizer, lambda s: min(1.0, 3 * (1 - s / steps)))
     batches, losses = iter(model._train_dl), []
     for _ in range(steps):  # what training_step does, without a Trainer
         losses.append(model.engine.train_step([model._to_device(next(batches))])["loss"])
+        decay.step()
     rows, _ = transcribe(model, manifest, max_new_tokens=64)
     return losses, rows
 

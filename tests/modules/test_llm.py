@@ -33,6 +33,20 @@ def test_te_requested_without_te_is_a_clear_error():
         transformer_config(LLMConfig(**{**TINY, "layer_spec": "auto", "fp8": "hybrid"}))
 
 
+def test_swiglu_is_megatrons_glu():
+    """The local spec's activation module: Megatron's unfused ``silu(gate) * up``, values and gradients exact."""
+    from nemo_jstip.modules.llm import SwiGLU
+
+    x = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(5, 3, 8, dtype=torch.float64)
+    gate, up = x.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    (dx_ref,) = torch.autograd.grad(ref, x, grad)
+    out = SwiGLU()(x)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(out, ref) and torch.equal(dx, dx_ref)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="train_mode"):
         LLMConfig(train_mode="partial")
@@ -69,7 +83,7 @@ def build_and_step(mode: str) -> dict:
 @pytest.mark.parametrize("mode", ["frozen", "full", "lora"])
 def test_build_modes_forward_backward(mode):
     (r,) = spawn(build_and_step, 1, mode)
-    assert {"GPTModel", "SDPADotProductAttention", "RMSNorm"} <= r["types"]  # the local spec (+ SDPA)
+    assert {"GPTModel", "SDPADotProductAttention", "RMSNorm", "SwiGLU"} <= r["types"]  # the local spec (+ SDPA)
     assert len(r["devices"]) == 1  # one device for the whole model (on a GPU the torch norms included)
     assert r["logits_shape"] == (B, S, 256) and r["zero_loss_where_ignored"] and r["input_grad"]
     lora = {n for n in r["all_params"] if n.endswith((".lora_a", ".lora_b"))}
@@ -135,7 +149,7 @@ def tp_step(tp: int, mode: str, lora_full: dict | None, sequence_parallel: bool 
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
-    from nemo_jstip.modules.llm import build_llm, token_loss
+    from nemo_jstip.modules.llm import build_llm, labelled_token_loss, token_loss
     from nemo_jstip.parallel.dist import init_parallel
 
     init_parallel(tp=tp, sequence_parallel=sequence_parallel)
@@ -156,7 +170,14 @@ def tp_step(tp: int, mode: str, lora_full: dict | None, sequence_parallel: bool 
         emb = gather_from_sequence_parallel_region(emb)
     emb = emb.detach().requires_grad_()
     decoder_input = scatter_to_sequence_parallel_region(emb) if sequence_parallel else emb
-    loss = token_loss(model(None, pos, None, decoder_input=decoder_input), labels, cfg.vocab_size)
+    if tp == 1:  # the reference: logits at every position, then the loss
+        loss = token_loss(model(None, pos, None, decoder_input=decoder_input), labels, cfg.vocab_size)
+        with torch.no_grad():
+            assert torch.equal(loss, model(None, pos, None, decoder_input=decoder_input, labels=labels,
+                                           output_processor=labelled_token_loss, output_processor_context=cfg.vocab_size))
+    else:  # what JSTIPModel runs: the output layer on the labelled positions only (SP: a different count per rank)
+        loss = model(None, pos, None, decoder_input=decoder_input, labels=labels,
+                     output_processor=labelled_token_loss, output_processor_context=cfg.vocab_size)
     loss.sum().backward()
     lora_now = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -166,9 +187,10 @@ def tp_step(tp: int, mode: str, lora_full: dict | None, sequence_parallel: bool 
     return loss.detach(), emb.grad, grads, lora_now
 
 
-@pytest.mark.parametrize("mode", ["frozen", "full", "lora", "lora-sp"])
+@pytest.mark.parametrize("mode", ["frozen", "full", "lora", "lora-sp", "full-sp"])
 def test_tp2_matches_tp1(mode):
-    """TP=2 gives the TP=1 loss, input gradient and parameter gradients; ``lora-sp``: with sequence parallelism."""
+    """TP=2 gives the TP=1 loss, input gradient and parameter gradients; ``-sp``: with sequence parallelism. TP=2
+    computes the loss on the labelled positions only (``labelled_token_loss``), TP=1 from the logits everywhere."""
     sp = mode.endswith("-sp")
     mode = mode.removesuffix("-sp")
     loss1, dx1, grads1, lora_full = spawn(tp_step, 1, 1, mode, None)[0]
