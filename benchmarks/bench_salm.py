@@ -11,14 +11,17 @@ should not train slower than it at equal size. One process builds both and times
   adapter MLP; a ``LlamaForCausalLM`` with the yaml's layers/hidden/ffn/heads/kv-groups. One step =
   ``SALM.training_step`` called directly (no Trainer; its ``self.log`` calls are no-ops), ``loss.backward()``,
   ``clip_grad_norm_``, AdamW (the same hyper-parameters).
+- Each optimizer as its recipe builds it: ours torch's fused AdamW (``conf/jstip_tiny.yaml``: ``fused: true``),
+  SALM's ``foreach`` AdamW (NeMo's ``examples/speechlm2/conf/salm.yaml``: ``foreach: true``).
 - Same function: SALM's LLM weights are imported into ours (``load_hf_weights``), encoder and adapter weights are
   copied, so the eval-mode losses of the two must agree; the script checks this before timing.
 - Same batch: ASR examples from our dataset (``BOS <speech_start> <audio> x T <speech_end> transcript EOS``, loss on
   transcript + EOS). SALM gets the same ids with the T placeholders collapsed to its one audio-locator token plus
   one trailing pad (SALM drops the last position), so both LLMs see B x L positions and the same loss targets.
-  Differences that remain are the designs: ours right-pads with no attention mask (causal only, unfused
-  attention), SALM left-pads and passes a padding mask to HF SDPA; ours splices with one gather, SALM with a
-  per-row Python loop; Megatron pads the logit layer to a multiple of 128 rows.
+  Differences that remain are the designs: ours right-pads with no attention mask (causal SDPA), SALM left-pads
+  and passes a padding mask to HF SDPA; ours splices with one gather, SALM with a per-row Python loop; ours runs
+  the output layer and the loss on the labelled positions only, SALM on every position; Megatron pads the logit
+  layer to a multiple of 128 rows.
 
     nice -n 5 .venv/bin/python benchmarks/bench_salm.py --steps 60 --warmup 5 --batch 8 --seconds 4 --profile
     .venv/bin/python benchmarks/bench_salm.py --corpus '' --steps 3 --warmup 1   # synthetic audio/text (fresh clone)
@@ -116,7 +119,7 @@ def build_jstip(a, tok_dir: str):
     for key in ("train_ds", "validation_ds", "test_ds"):
         model_cfg.pop(key, None)
     model_cfg["tokenizer"] = {"path": tok_dir}
-    optim = model_cfg.pop("optim")  # the benchmark builds its own AdamW from these values (no scheduler)
+    optim = model_cfg.pop("optim")  # the benchmark sets the optimizer up itself, without the scheduler
     tok = AutoTokenizer.from_pretrained(tok_dir)
     add_special_tokens(tok, InterleaveConfig(**model_cfg.get("interleave", {})))
     model_cfg["llm"]["vocab_size"] = len(tok) + 1  # + SALM's pad token, so both softmaxes span the same vocab
@@ -244,9 +247,9 @@ def main(argv=None):
     adamw = dict(lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
     from omegaconf import OmegaConf
 
-    model.setup_optimization(OmegaConf.create({"name": "adamw", **adamw}))
+    model.setup_optimization(OmegaConf.create({k: v for k, v in o.items() if k != "sched"}))
     params_s = [p for p in salm.parameters() if p.requires_grad]
-    opt_s = torch.optim.AdamW(params_s, **adamw)
+    opt_s = torch.optim.AdamW(params_s, **adamw, foreach=True)
 
     def step_jstip() -> float:
         return model.engine.train_step([jb])["loss"]

@@ -150,7 +150,9 @@ class MegatronEngine:
         for group in inner.param_groups:
             if "step" in group:
                 for p in group["params"]:
-                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    on_device = group.get("fused") or group.get("capturable")  # torch keeps those steps there
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                                          device=p.device if on_device else None)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches: list[dict]) -> dict:
