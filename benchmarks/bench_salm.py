@@ -344,6 +344,9 @@ def profile(model, salm, jb, sb, opt_s, params_s, max_norm, n: int = 20):
         "perception fwd + splice (no grad)": (
             lambda: model.stage.embed(jb),
             lambda: salm.prepare_inputs(sb)),
+        "whole forward (no grad)": (
+            lambda: model.stage(jb),
+            lambda: salm.training_step(sb, 0)),
         "whole fwd+bwd (model's own path)": (
             lambda: model.engine.forward_backward([jb], forward_only=False),
             lambda: salm.training_step(sb, 0)["loss"].backward()),
