@@ -108,7 +108,8 @@ class JSTIPStage(torch.nn.Module):
         segments = batch.get("segment_ids")  # a packed batch: attention stays within each example
         return self.gpt(input_ids=None, position_ids=batch.get("position_ids"), decoder_input=decoder_input,
                         attention_mask=None if segments is None else block_causal_mask(segments),
-                        labels=batch["labels"], output_processor=labelled_token_loss, output_processor_context=self.vocab_size)
+                        labels=batch["labels"], output_processor=labelled_token_loss,
+                        output_processor_context=self.vocab_size)
 
 
 class JSTIPModel(ModelPT):

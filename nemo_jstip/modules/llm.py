@@ -280,7 +280,7 @@ class _SwiGLUFunction(torch.autograd.Function):
 class SwiGLU(torch.nn.Module):
     """The local spec's MLP activation (Megatron's ``MLPSubmodules.activation_func``): the gated SiLU of the fused
     ``[gate | up]`` FC1 output, exactly what Megatron's unfused ``glu`` computes, without the concatenation in the
-    backward (a third of the activation's time on the CPU: benchmarks/bench_salm.py)."""
+    backward."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -409,9 +409,9 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | Non
 
     ignored = labels < 0
     if ps.get_tensor_model_parallel_world_size() == 1:  # the whole vocabulary here: one fused kernel
-        flat = logits[..., :vocab_size].reshape(-1, min(vocab_size or logits.shape[-1], logits.shape[-1]))
-        loss = F.cross_entropy(flat, labels.masked_fill(ignored, ignore_index).reshape(-1), reduction="none",
-                               ignore_index=ignore_index)
+        flat = logits[..., :vocab_size]
+        target = labels.masked_fill(ignored, ignore_index).reshape(-1)
+        loss = F.cross_entropy(flat.reshape(-1, flat.shape[-1]), target, reduction="none", ignore_index=ignore_index)
         return loss.view(labels.shape)
     if vocab_size is not None:
         local = logits.shape[-1]
@@ -441,7 +441,7 @@ def labelled_token_loss(*, hidden_states: torch.Tensor, output_layer, output_wei
     L, B = labels.shape[1], labels.shape[0]
     lab = labels.T.reshape(tp, L // tp * B)  # each rank's positions, flattened as its hidden states [L / TP, B]
     keep = lab >= 0
-    n = int(keep.sum(1).max())
+    n = max(int(keep.sum(1).max()), 1)  # an idle batch (no labels) still passes one row: no empty collectives
     pick = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]  # labelled first, then padding
     x = hidden_states.flatten(0, 1).index_select(0, pick[rank]).unsqueeze(1)  # [n, 1, H]
     logits, _ = output_layer(x, weight=output_weight)  # [TP * n, 1, V / TP] under SP (rank order), else [n, 1, ...]
