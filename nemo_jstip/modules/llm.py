@@ -438,7 +438,7 @@ def labelled_token_loss(*, hidden_states: torch.Tensor, output_layer, output_wei
 
     tp = get_pg_size(output_layer.tp_group) if output_layer.sequence_parallel else 1
     rank = get_pg_rank(output_layer.tp_group) if tp > 1 else 0
-    L, B = labels.shape[1], labels.shape[0]
+    B, L = labels.shape
     lab = labels.T.reshape(tp, L // tp * B)  # each rank's positions, flattened as its hidden states [L / TP, B]
     keep = lab >= 0
     n = max(int(keep.sum(1).max()), 1)  # an idle batch (no labels) still passes one row: no empty collectives
@@ -446,7 +446,7 @@ def labelled_token_loss(*, hidden_states: torch.Tensor, output_layer, output_wei
     x = hidden_states.flatten(0, 1).index_select(0, pick[rank]).unsqueeze(1)  # [n, 1, H]
     logits, _ = output_layer(x, weight=output_weight)  # [TP * n, 1, V / TP] under SP (rank order), else [n, 1, ...]
     loss = token_loss(scale_logits(logits).squeeze(1).float(), lab.gather(1, pick).flatten(), context)
-    where = (pick + torch.arange(tp, device=pick.device)[:, None] * pick.new_tensor(lab.shape[1])).flatten()
+    where = (pick + torch.arange(tp, device=pick.device)[:, None] * lab.shape[1]).flatten()  # in [L * B]
     return loss.new_zeros(L * B).index_put((where,), loss).view(L, B).T
 
 

@@ -170,14 +170,16 @@ def tp_step(tp: int, mode: str, lora_full: dict | None, sequence_parallel: bool 
         emb = gather_from_sequence_parallel_region(emb)
     emb = emb.detach().requires_grad_()
     decoder_input = scatter_to_sequence_parallel_region(emb) if sequence_parallel else emb
+    def labelled():  # what JSTIPModel runs: the output layer on the labelled positions only (SP: a count per rank)
+        return model(None, pos, None, decoder_input=decoder_input, labels=labels,
+                     output_processor=labelled_token_loss, output_processor_context=cfg.vocab_size)
+
     if tp == 1:  # the reference: logits at every position, then the loss
         loss = token_loss(model(None, pos, None, decoder_input=decoder_input), labels, cfg.vocab_size)
         with torch.no_grad():
-            assert torch.equal(loss, model(None, pos, None, decoder_input=decoder_input, labels=labels,
-                                           output_processor=labelled_token_loss, output_processor_context=cfg.vocab_size))
-    else:  # what JSTIPModel runs: the output layer on the labelled positions only (SP: a different count per rank)
-        loss = model(None, pos, None, decoder_input=decoder_input, labels=labels,
-                     output_processor=labelled_token_loss, output_processor_context=cfg.vocab_size)
+            assert torch.equal(loss, labelled())
+    else:
+        loss = labelled()
     loss.sum().backward()
     lora_now = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
