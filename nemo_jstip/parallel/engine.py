@@ -9,8 +9,10 @@ The engine says how it trains:
 * the optimizer: the torch optimizer NeMo builds from ``model.optim`` (param groups, LR schedule and all) inside
   Megatron's wrapper: ``FP32Optimizer`` / ``Float16OptimizerWithFloat16Params`` (fp32 main weights for bf16/fp16
   parameters) or, with ``use_distributed_optimizer``, ``DistributedOptimizer`` (main weights and Adam state
-  sharded over the data-parallel ranks: ~12 bytes per parameter less on each extra rank). Global-norm clipping
-  (``max_grad_norm``) is the wrapper's;
+  sharded over the data-parallel ranks: ~12 bytes per parameter less on each extra rank);
+* global-norm clipping (``max_grad_norm``) on DDP's contiguous fp32 gradient buffers, before the wrapper's step:
+  Megatron's norm (the same gradients counted, the same groups reduced over) on a few spans per buffer instead of
+  a Python loop over every parameter, twice (norm, then scale), per step;
 * the schedule: Megatron's forward-backward over ``num_microbatches`` batches (1F1B with PP), with the per-token
   loss summed over microbatches and normalised over all data- and context-parallel ranks
   (``calculate_per_token_loss``);
@@ -28,6 +30,7 @@ On the CPU the same code runs through the shims in ``parallel/cpu.py`` (active o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +48,6 @@ class EngineConfig:
 
     use_distributed_optimizer: bool = False
     max_grad_norm: float | None = None  # global-norm clipping; None or 0: off
-    grad_reduce_in_fp32: bool = True
     overlap_grad_reduce: bool = False
 
 
@@ -68,7 +70,7 @@ class MegatronEngine:
         self.stage, self.layout, self.cfg, self.pad_token_id = stage, layout, cfg, pad_token_id
         self.ddp = DistributedDataParallel(
             stage.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True,  # clipping scales the buffers in place
                                           overlap_grad_reduce=cfg.overlap_grad_reduce,
                                           use_distributed_optimizer=cfg.use_distributed_optimizer),
             stage,
@@ -82,6 +84,7 @@ class MegatronEngine:
         stage.config.finalize_model_grads_func = finalize
         stage.config.no_sync_func = self.ddp.no_sync
         self.optimizer = None  # Megatron's optimizer wrapper, from wrap_optimizer
+        self._norm_spans = self._grad_norm_spans()
 
     def _sum_partial_grads_over_tp(self) -> None:
         """Sum the gradients of the ``partial_grad_over_tp`` parameters over TP, in one collective (as Megatron's
@@ -96,6 +99,71 @@ class MegatronEngine:
         torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
         for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(summed)
+
+    def _grad_norm_spans(self, row: int = 4096) -> list[torch.Tensor]:
+        """The parts of the gradient buffers that the global gradient norm counts on this rank, by Megatron's rule
+        (``MegatronOptimizer.get_grads_for_grad_norm``): the gradients reduced here (the whole buffer; with the
+        distributed optimizer this rank's DP shard of each bucket), less those another rank counts (a parameter
+        replicated over TP on TP rank 0 only, a pipeline-shared embedding on one stage). Buffer padding is zero, so
+        counted parameters that follow each other make one span: one per buffer at TP=PP=1. Each span is viewed as
+        rows of ``row`` elements (and a shorter last row), whose norms are taken apart: one fp32 norm over
+        millions of elements loses ~1e-4 relative on the CPU, over rows ~1e-7."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        spans = []
+        for buf in self.ddp.buffers + self.ddp.expert_parallel_buffers:
+            runs = []  # [start, end) of consecutive counted parameters, in buffer order
+            for p, (start, end, _) in sorted(buf.param_index_map.items(), key=lambda item: item[1][0]):
+                if not (param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)):
+                    runs.append(None)
+                elif runs and runs[-1] is not None:
+                    runs[-1][1] = end
+                else:
+                    runs.append([start, end])
+            owned = []
+            for b in buf.buckets:
+                lo, hi = b.offset, b.offset + b.grad_data.numel()
+                if self.cfg.use_distributed_optimizer:  # Megatron's shard_buffer: equal shards of each bucket
+                    g = self.ddp.param_to_bucket_group[b.params_list[0]]
+                    n, r = g.intra_distributed_optimizer_instance_size, g.intra_distributed_optimizer_instance_rank
+                    lo, hi = lo + r * (hi - lo) // n, lo + (r + 1) * (hi - lo) // n
+                owned.append((lo, hi))
+            for run in filter(None, runs):
+                for lo, hi in owned:
+                    lo, hi = max(run[0], lo), min(run[1], hi)
+                    whole = lo + (hi - lo) // row * row
+                    if whole > lo:
+                        spans.append(buf.grad_data[lo:whole].view(-1, row))
+                    if hi > whole:
+                        spans.append(buf.grad_data[whole:hi].view(1, -1))
+        return spans
+
+    @torch.no_grad()
+    def grad_norm(self) -> float:
+        """The global L2 norm of the gradients in the buffers (after ``forward_backward``), over the optimizer's
+        grad-stats group (model-parallel ranks; every rank with the distributed optimizer), as Megatron's
+        ``get_grad_norm_fp32`` computes it."""
+        sq = torch.zeros((), dtype=torch.float32, device=compute_device())
+        if self._norm_spans:
+            rows = [torch.linalg.vector_norm(s, dim=1, dtype=torch.float32) for s in self._norm_spans]
+            sq = torch.cat(rows).square().sum()
+        torch.distributed.all_reduce(sq, group=self.optimizer.get_grad_stats_parallel_group())
+        return sq.sqrt().item()
+
+    @torch.no_grad()
+    def clip_grads(self, max_norm: float) -> float:
+        """Scale the gradients so that their global norm is at most ``max_norm`` (Megatron's coefficient,
+        ``max_norm / (norm + 1e-6)`` when below 1); returns the norm before clipping. A non-finite norm raises
+        before any weight changes."""
+        norm = self.grad_norm()
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"gradient norm is {norm}: inf/nan in the gradients, optimizer step not taken")
+        coeff = max_norm / (norm + 1.0e-6)
+        if coeff < 1.0:
+            for buf in self.ddp.buffers + self.ddp.expert_parallel_buffers:
+                buf.grad_data.mul_(coeff)
+        return norm
 
     def describe(self) -> str:
         """The one log line of what is in effect."""
@@ -112,7 +180,7 @@ class MegatronEngine:
 
         dtype = self.stage.config.params_dtype
         config = OptimizerConfig(
-            lr=optimizer.param_groups[0]["lr"], clip_grad=float(self.cfg.max_grad_norm or 0.0),
+            lr=optimizer.param_groups[0]["lr"], clip_grad=0.0,  # the engine clips (clip_grads)
             bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
             use_distributed_optimizer=self.cfg.use_distributed_optimizer,
         )
@@ -162,10 +230,10 @@ class MegatronEngine:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         stats = self.forward_backward(batches, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        stats["grad_norm"] = self.clip_grads(self.cfg.max_grad_norm) if self.cfg.max_grad_norm else None
+        ok, _, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError("optimizer step skipped: inf/nan in the gradients")
-        stats["grad_norm"] = float(grad_norm) if self.cfg.max_grad_norm else None
         self._average_buffers()
         return stats
 

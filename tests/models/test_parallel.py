@@ -105,6 +105,16 @@ def run_layout(setup_path, tp: int, pp: int, split_batches: bool = False, steps:
     model.engine.ddp.zero_grad_buffer()
     out["train"] = model.engine.forward_backward(batches, forward_only=False)
     out["grads"] = _named(model, lambda p: p.main_grad)
+    out["grad_norm"] = model.engine.grad_norm()  # the engine's norm (clip_grads) and Megatron's of the same grads
+    model.engine.optimizer.prepare_grads()
+    out["megatron_grad_norm"] = model.engine.optimizer.get_grad_norm()
+    model.engine.clip_grads(out["grad_norm"] / 2)
+    out["clipped_norm"] = model.engine.grad_norm()
+    model.engine.ddp.buffers[0].grad_data[0] = float("nan")  # the first stage's and every TP rank's first element
+    try:
+        model.engine.clip_grads(1.0)
+    except FloatingPointError as e:
+        out["nan_error"] = str(e)
     out["buffers"] = {k: v.clone() for k, v in perception.named_buffers() if "running" in k} if perception else {}
 
     out["steps"] = []
@@ -166,6 +176,15 @@ def reference(parallel_setup):
     return r
 
 
+def test_clip_grads_is_megatrons_norm_and_refuses_nan(reference):
+    """The engine clips on DDP's gradient buffers: the norm is Megatron's ``get_grad_norm`` of the same gradients,
+    clipping to half of it halves it, and a NaN gradient raises instead of stepping."""
+    r = reference
+    assert r["grad_norm"] == pytest.approx(r["megatron_grad_norm"], rel=1e-6) and r["grad_norm"] > 0
+    assert r["clipped_norm"] == pytest.approx(r["grad_norm"] / 2, rel=1e-5)
+    assert "gradient norm is nan" in r["nan_error"]
+
+
 @pytest.fixture(scope="module")
 def runs(parallel_setup):
     """``runs(tp, pp, **run_layout_kwargs)``: the ranks' results of that layout with STEPS optimizer steps, each
@@ -208,6 +227,7 @@ def test_model_parallel_matches_one_process(parallel_setup, reference, runs, nam
         assert r["train"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert r["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=1e-5)
         assert r["steps"][0][1] == pytest.approx(reference["steps"][0][1], rel=1e-5)  # global grad norm, once each
+        assert r["grad_norm"] == pytest.approx(r["megatron_grad_norm"], rel=1e-6)
     assert {r["pp_rank"] for r in ranks if any(k.startswith("perception.") for k in r["grads"])} == {0}
 
     llm_cfg = _llm_cfg(parallel_setup)
@@ -291,6 +311,8 @@ def test_distributed_optimizer_matches_plain_and_shards_adam_state(parallel_setu
     dist = spawn(run_layout, 2, parallel_setup, 1, 1, split_batches=True, steps=STEPS, distributed_optimizer=True,
                  timeout_s=60)
     assert all(r["layout"].endswith("dp=2 sequence_parallel=False distributed_optimizer=True") for r in dist)
+    for r in dist + plain:  # the engine's norm on its DP shard of the buffers is Megatron's
+        assert r["grad_norm"] == pytest.approx(r["megatron_grad_norm"], rel=1e-6)
     for d, p in zip(dist, plain):
         for (ld, nd), (lp, np_) in zip(d["steps"], p["steps"]):
             assert ld == pytest.approx(lp, rel=1e-4) and nd == pytest.approx(np_, rel=1e-4)
