@@ -198,9 +198,12 @@ def layer_spec(cfg: LLMConfig):
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
-        spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
+        attn, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.keywords["submodules"]
+        attn.core_attention = _sdpa_attention_class()
+        column, row = _local_linear_classes()
+        attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2 = column, row, column, row
         if cfg.swiglu:  # MLP calls it when the config sets use_te_activation_func (transformer_config)
-            spec.submodules.mlp.keywords["submodules"].activation_func = SwiGLU
+            mlp.activation_func = SwiGLU
         spec = _with_torch_norms(spec)
     if cfg.train_mode == "lora":
         spec = _lora_layer_spec(spec, cfg)
@@ -287,6 +290,32 @@ class SwiGLU(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SwiGLUFunction.apply(x)
+
+
+@functools.cache
+def _local_linear_classes() -> tuple[type, type]:
+    """The local spec's ``ColumnParallelLinear`` / ``RowParallelLinear`` with ``F.linear`` as the matrix multiply
+    when the layer's tensor-parallel group has one rank. Megatron's autograd Function around it is there for what
+    tensor parallelism and fused kernels add (the async input-gradient all-reduce, sequence-parallel gathers, weight
+    gradients accumulated into ``main_grad``), none of which exists at TP=1 without the fusion; its Python is ~1.5 ms
+    of the tiny recipe's CPU step (benchmarks/bench_salm.py). Same parameters, state dict and gradients; at TP > 1
+    they are Megatron's."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    class TorchMatmul:
+        def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, **kwargs):
+            if self.tp_group.size() == 1 and not gradient_accumulation_fusion:
+                return F.linear(input, weight, bias)
+            return super()._forward_impl(input, weight, bias=bias,
+                                         gradient_accumulation_fusion=gradient_accumulation_fusion, **kwargs)
+
+    class LocalColumnParallelLinear(TorchMatmul, ColumnParallelLinear):
+        pass
+
+    class LocalRowParallelLinear(TorchMatmul, RowParallelLinear):
+        pass
+
+    return LocalColumnParallelLinear, LocalRowParallelLinear
 
 
 _SDPA_MASKS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()

@@ -91,10 +91,11 @@ def test_build_modes_forward_backward(mode):
         assert not r["trainable"] and not r["with_grad"] and not lora
     elif mode == "full":
         assert r["trainable"] == r["all_params"] and not lora
+        assert {"LocalColumnParallelLinear", "LocalRowParallelLinear"} <= r["types"]  # F.linear at TP=1
         assert r["with_grad"] == r["all_params"] - {"embedding.word_embeddings.weight"}  # decoder_input bypasses it
     else:
         assert len(lora) == 2 * 4 * TINY["num_layers"] and r["trainable"] == lora
-        assert {"LoRAColumnParallelLinear", "LoRARowParallelLinear"} <= r["types"]
+        assert {"LoRALocalColumnParallelLinear", "LoRALocalRowParallelLinear"} <= r["types"]
         # B starts at zero: only B gets a gradient on the first step (A's gradient goes through B)
         assert r["with_grad"] == {n for n in lora if n.endswith("lora_b")}
 
