@@ -8,8 +8,8 @@ wanted and the batch is random token ids, built directly in the batch contract o
 positions are speech frames taken from ``--audio-seconds`` long random waveforms (as many per row as needed).
 
 One step = what ``JSTIPModel.training_step`` does without a Trainer (as tests/models/test_overfit.py): the model's
-engine step (Megatron schedule, 1 microbatch by default, Megatron DDP, Megatron's optimizer wrapper with global-norm
-clipping around a fused torch AdamW), timed with CUDA synchronisation after ``--warmup`` untimed steps.
+engine step (Megatron schedule, 1 microbatch by default, Megatron DDP, the engine's global-norm clipping, Megatron's
+optimizer wrapper around a fused torch AdamW), timed with CUDA synchronisation after ``--warmup`` untimed steps.
 ``--batch 8,2`` measures several batch sizes on one model. Speed options, each reported as part of the label:
 ``--foreach`` (Megatron's multi-tensor helpers as torch._foreach ops: without TE/apex it falls back to one kernel
 and one host sync per parameter), ``--compile [MODE]`` (torch.compile of every LLM and Conformer layer).

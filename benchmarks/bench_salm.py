@@ -5,7 +5,8 @@ should not train slower than it at equal size. One process builds both and times
 
 - JSTIP: ``conf/jstip_tiny.yaml`` ``model`` section (NeMo mel preprocessor + ConformerEncoder + MLP adapter,
   Megatron GPT, local layer spec + the CPU shim), one step = ``model.engine.train_step`` (Megatron schedule,
-  Megatron DDP, Megatron's optimizer wrapper with global-norm clipping around AdamW), as ``training_step`` does.
+  Megatron DDP, the engine's global-norm clipping, Megatron's optimizer wrapper around AdamW), as ``training_step``
+  does.
 - SALM: built offline (``pretrained_weights: False``, a local HF ``LlamaConfig`` folder, a local tokenizer) with
   the SAME preprocessor/encoder kwargs, ``IdentityConnector`` and ``perception.proj`` replaced by a copy of our
   adapter MLP; a ``LlamaForCausalLM`` with the yaml's layers/hidden/ffn/heads/kv-groups. One step =
@@ -321,7 +322,8 @@ def profile(model, salm, jb, sb, opt_s, params_s, max_norm, n: int = 20):
     logits_s = torch.randn(B * L, V, requires_grad=True)
     labels = jb["labels"]
 
-    def opt_step_j():  # the engine's step after the backward: Megatron's wrapper clips (main_grad) and steps
+    def opt_step_j():  # the engine's step after the backward: clip on the gradient buffers, Megatron's wrapper steps
+        model.engine.clip_grads(max_norm)
         model.engine.optimizer.step()
 
     def opt_step_s():
