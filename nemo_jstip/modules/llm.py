@@ -297,9 +297,9 @@ def _local_linear_classes() -> tuple[type, type]:
     """The local spec's ``ColumnParallelLinear`` / ``RowParallelLinear`` with ``F.linear`` as the matrix multiply
     when the layer's tensor-parallel group has one rank. Megatron's autograd Function around it is there for what
     tensor parallelism and fused kernels add (the async input-gradient all-reduce, sequence-parallel gathers, weight
-    gradients accumulated into ``main_grad``), none of which exists at TP=1 without the fusion; its Python is ~1.5 ms
-    of the tiny recipe's CPU step (benchmarks/bench_salm.py). Same parameters, state dict and gradients; at TP > 1
-    they are Megatron's."""
+    gradients accumulated into ``main_grad``), none of which exists at TP=1 without the fusion, and its Python shows
+    in the backward of a small model's step (benchmarks/bench_salm.py). Same parameters, state dict and gradients; at
+    TP > 1 they are Megatron's."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     class TorchMatmul:
