@@ -14,6 +14,8 @@ should not train slower than it at equal size. One process builds both and times
   ``clip_grad_norm_``, AdamW (the same hyper-parameters).
 - Each optimizer as its recipe builds it: ours torch's fused AdamW (``conf/jstip_tiny.yaml``: ``fused: true``),
   SALM's ``foreach`` AdamW (NeMo's ``examples/speechlm2/conf/salm.yaml``: ``foreach: true``).
+- Same process, so the same allocator: building JSTIP on the CPU applies ``parallel/cpu.py``, whose
+  ``keep_freed_memory`` setting then holds for SALM's steps too; the table's page faults per step show it.
 - Same function: SALM's LLM weights are imported into ours (``load_hf_weights``), encoder and adapter weights are
   copied, so the eval-mode losses of the two must agree; the script checks this before timing.
 - Same batch: ASR examples from our dataset (``BOS <speech_start> <audio> x T <speech_end> transcript EOS``, loss on
@@ -35,6 +37,7 @@ import atexit
 import contextlib
 import copy
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -66,6 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--torch-profile", type=int, default=0, metavar="N",
                    help="also run N steps of each under torch.profiler and print the top operators by self CPU time")
     return p.parse_args(argv)
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far: memory the allocator got afresh from the kernel, 4 KiB each."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def load_cuts(a, tmp: Path):
@@ -265,14 +273,15 @@ def main(argv=None):
 
     warnings.filterwarnings("ignore", message=".*self.log.*")  # SALM logs through a Trainer we do not have
     steps = {"JSTIP": step_jstip, "SALM": step_salm}
-    times, losses = {k: [] for k in steps}, {k: [] for k in steps}
+    times, losses, faults = {k: [] for k in steps}, {k: [] for k in steps}, {k: [] for k in steps}
     load0 = os.getloadavg()  # the cores may be shared: the 1-minute load average says how busy they were
     for i in range(a.warmup + a.steps):  # alternate, and swap the order every step: shared-core noise hits both
         for name in (("JSTIP", "SALM") if i % 2 == 0 else ("SALM", "JSTIP")):
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             losses[name].append(steps[name]())
             if i >= a.warmup:
                 times[name].append(time.perf_counter() - t0)
+                faults[name].append(minor_faults() - f0)
 
     B, L = jb["input_ids"].shape
     print(f"\nbatch: {source}; {B} utterances, {jb['audio_lens'].sum().item() / 16000:.1f} s audio, "
@@ -285,15 +294,15 @@ def main(argv=None):
     llm = {"JSTIP": n_params(model.stage.gpt), "SALM": n_params(salm.llm) + n_params(salm.embed_tokens)}
     mean = {k: statistics.mean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    print("| system | params enc+adapter / LLM / total | tokens per step | mean step s | std s | median s | min s "
-          "| SALM/JSTIP mean (median, min) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| system | params enc+adapter / LLM / total | tokens per step | page faults per step | mean step s | std s "
+          "| median s | min s | SALM/JSTIP mean (median, min) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k in steps:
         ratio = (f"{mean['SALM'] / mean['JSTIP']:.2f} ({med['SALM'] / med['JSTIP']:.2f}, "
                  f"{min(times['SALM']) / min(times['JSTIP']):.2f})") if k == "SALM" else "1"
         std = statistics.stdev(times[k]) if len(times[k]) > 1 else 0.0
         print(f"| {k} | {enc[k] / 1e6:.3f}M / {llm[k] / 1e6:.3f}M / {(enc[k] + llm[k]) / 1e6:.3f}M | {B * L} | "
-              f"{mean[k]:.4f} | {std:.4f} | {med[k]:.4f} | {min(times[k]):.4f} | {ratio} |")
+              f"{statistics.mean(faults[k]):.0f} | {mean[k]:.4f} | {std:.4f} | {med[k]:.4f} | {min(times[k]):.4f} | {ratio} |")
     if a.profile:
         profile(model, salm, jb, sb, opt_s, params_s, max_norm)
     if a.torch_profile:

@@ -23,6 +23,9 @@ does nothing, so the GPU path runs Megatron unpatched. Without CUDA it patches, 
    from the tensor-parallel stream, and activation recompute restores the right state.
 5. Megatron's multi-tensor fallbacks without TE/apex (grad norm, clip scaling, weight copies) as
    ``torch._foreach`` ops (``foreach_multi_tensor``): the same results, one op per list instead of per tensor.
+6. Not a Megatron patch, but the one CPU-only setting of the process: glibc's allocator keeps the memory a step
+   frees for the next step (``keep_freed_memory``) instead of handing it back to the kernel and page-faulting it
+   in again.
 
 Measured to work with it (tests/parallel/test_cpu_shim.py): RNG tracker + dropout + recompute, TP, PP 1F1B,
 plain ``dist_checkpointing.save/load`` (resharding TP=2 -> 1). Sequence parallelism needs nothing here: gloo in
@@ -36,8 +39,10 @@ machine's non-default modes, dist-checkpointing's cached-structure saves and ful
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib
+import os
 import types
 
 import torch
@@ -55,6 +60,11 @@ _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "empty_like"
 
 _applied = False
 _originals: dict = {}
+
+# glibc mallopt(3) parameters and values for ``keep_freed_memory``.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
+_TRIM_THRESHOLD = 1 << 30
 
 
 def needed() -> bool:
@@ -240,8 +250,31 @@ def apply() -> bool:
     ):  # a CUDA tracker made before apply() cannot work here: let the next seed call rebuild it
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
     _originals["multi-tensor"] = foreach_multi_tensor()
+    keep_freed_memory()
     _applied = True
     return True
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 32 MiB and up to 1 GiB of free heap top for reuse.
+
+    Why: PyTorch's CPU tensors come from malloc. By default glibc serves blocks above its adaptive mmap threshold
+    with fresh ``mmap``s and trims a free heap top above twice that threshold, so every training step returns its
+    activations to the kernel and page-faults them in again (zero-filled): on the tiny recipe 20-40 thousand minor
+    faults, ~100 MB, per step. With these settings the process's heap stays at its peak and a step reuses it;
+    ``benchmarks/bench_salm.py`` prints the faults per step. Blocks above 32 MiB (glibc's limit for the threshold)
+    are still mapped per use. Process-wide and not undone by ``remove()``. Returns whether glibc took both settings
+    (False with another C library).
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        libc = ctypes.CDLL(None)
+    except (ValueError, OSError, AttributeError):
+        return False
+    mmap_ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    return bool(mmap_ok and trim_ok)
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -279,7 +312,7 @@ def foreach_multi_tensor() -> tuple:
 
 
 def remove() -> None:
-    """Undo ``apply()`` (tests use it to check the shim's reach)."""
+    """Undo ``apply()``'s patches (tests use it to check the shim's reach); the allocator settings stay."""
     global _applied
     if not _applied:
         return
