@@ -260,7 +260,7 @@ def keep_freed_memory() -> bool:
 
     Why: PyTorch's CPU tensors come from malloc. By default glibc serves blocks above its adaptive mmap threshold
     with fresh ``mmap``s and trims a free heap top above twice that threshold, so every training step returns its
-    activations to the kernel and page-faults them in again (zero-filled): on the tiny recipe 20-40 thousand minor
+    activations to the kernel and page-faults them in again (zero-filled): on the tiny recipe 20-30 thousand minor
     faults, ~100 MB, per step. With these settings the process's heap stays at its peak and a step reuses it;
     ``benchmarks/bench_salm.py`` prints the faults per step. Blocks above 32 MiB (glibc's limit for the threshold)
     are still mapped per use. Process-wide and not undone by ``remove()``. Returns whether glibc took both settings

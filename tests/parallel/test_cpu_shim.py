@@ -218,7 +218,6 @@ def test_foreach_multi_tensor_helpers(monkeypatch):
         torch.testing.assert_close(a, 2.0 * b)
 
 
-
 STEP_FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "shim":
