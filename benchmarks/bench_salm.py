@@ -302,7 +302,8 @@ def main(argv=None):
                  f"{min(times['SALM']) / min(times['JSTIP']):.2f})") if k == "SALM" else "1"
         std = statistics.stdev(times[k]) if len(times[k]) > 1 else 0.0
         print(f"| {k} | {enc[k] / 1e6:.3f}M / {llm[k] / 1e6:.3f}M / {(enc[k] + llm[k]) / 1e6:.3f}M | {B * L} | "
-              f"{statistics.mean(faults[k]):.0f} | {mean[k]:.4f} | {std:.4f} | {med[k]:.4f} | {min(times[k]):.4f} | {ratio} |")
+              f"{statistics.mean(faults[k]):.0f} | {mean[k]:.4f} | {std:.4f} | {med[k]:.4f} | {min(times[k]):.4f} | "
+              f"{ratio} |")
     if a.profile:
         profile(model, salm, jb, sb, opt_s, params_s, max_norm)
     if a.torch_profile:
